@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian 12 / Python 3.11 machine (root).
+#   .ci/setup.sh          -> the package (demo)
+#   .ci/setup.sh test     -> plus test tools: Prometheus, promtool, Alertmanager, Chromium, pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want="${1:-demo}"
+PY="${PYTHON:-python3}"
+
+need_apt=()
+if [ "$want" = "test" ]; then
+  command -v promtool >/dev/null || need_apt+=(prometheus)
+  command -v alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
+  command -v chromium >/dev/null || need_apt+=(chromium)
+fi
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null; }
+fi
+
+# torch's CPU build first (this machine's pip finds 2.13.0+cpu on local disk); a bare
+# `torch` requirement could otherwise pull a multi-GB CUDA build.
+"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0" \
+  || "$PY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+extras="test"
+"$PY" -m pip install -q -e ".[${extras}]"

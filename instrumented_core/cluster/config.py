@@ -1,0 +1,45 @@
+"""Settings of the CPU reference cluster, validated before any process starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from instrumented_core.protocol import Cadence, Protocol, ProtocolError, check_sizes
+from instrumented_core.telemetry.config import TelemetryConfig
+
+FAULT_KINDS = ("none", "slow", "stall", "dead")
+
+
+class ClusterConfigError(ValueError):
+    """A cluster setting that cannot work; the message is one line with the fix."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    ranks: int = 4
+    protocol: str = "two-phase"
+    sync_interval: int = 16
+    cadence: str = "fixed"
+    step_seconds: float = 0.001  # simulated model time per step (real and dummy)
+    slow_step_seconds: float = 0.05  # extra delay per step of a rank with the `slow` fault
+    collective_timeout: float = 60.0  # Gloo group timeout (vLLM: cpu_distributed_timeout_seconds)
+    hang_timeout: float = 10.0  # a client call not done after this is reported as a hang
+    start_timeout: float = 90.0
+    max_running: int = 64
+    telemetry: TelemetryConfig = field(default_factory=lambda: TelemetryConfig(enabled=False))
+
+    def validate(self) -> "ClusterConfig":
+        try:
+            check_sizes(self.ranks, self.sync_interval)
+            protocol = Protocol.parse(self.protocol)
+            cadence = Cadence.parse(self.cadence)
+        except ProtocolError as e:
+            raise ClusterConfigError(str(e)) from None
+        if protocol is Protocol.LEGACY and cadence is Cadence.ADAPTIVE:
+            raise ClusterConfigError("the adaptive cadence needs --protocol two-phase")
+        if self.step_seconds < 0 or self.slow_step_seconds < 0:
+            raise ClusterConfigError("step times must be >= 0 seconds")
+        if self.collective_timeout <= 0 or self.hang_timeout <= 0:
+            raise ClusterConfigError("timeouts must be > 0 seconds")
+        self.telemetry.validate()
+        return self

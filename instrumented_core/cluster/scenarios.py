@@ -1,0 +1,130 @@
+"""Scripted and randomized client schedules, shared by the tests, the demo and benchmarks."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from instrumented_core.cluster.client import Cluster, RequestHandle
+
+
+def staggered_barrier_with_request(cluster: Cluster, routed_rank: int = 1,
+                                   first_wait: float = 1.0, second_wait: float = 2.0,
+                                   num_tokens: int = 4) -> RequestHandle:
+    """vLLM's ``test_dp_pause_barrier_request_deadlock``, steps 2-3, on a paused cluster.
+
+    ``barrier`` to engine 0 only (it blocks in the DP group barrier); a request routed to
+    ``routed_rank`` (with the legacy protocol its START_DP_WAVE wakes paused ranks into a step
+    collective); then ``barrier`` to the other engines. Raises ``CollectiveHang`` on deadlock.
+    """
+    first = cluster.call(0, "barrier")
+    time.sleep(first_wait)
+    handle = cluster.generate(num_tokens, rank=routed_rank)
+    time.sleep(second_wait)
+    rest = [cluster.call(r, "barrier") for r in range(1, cluster.config.ranks)]
+    cluster.wait([first, *rest], "staggered barrier")
+    return handle
+
+
+def upstream_deadlock_scenario(cluster: Cluster, routed_rank: int = 1,
+                               first_wait: float = 1.0, second_wait: float = 2.0) -> str:
+    """pause(keep) -> staggered barrier + routed request -> barrier -> resume -> output."""
+    cluster.pause("keep")
+    if not cluster.is_paused():
+        raise AssertionError("pause(keep) returned but not every rank reports paused")
+    handle = staggered_barrier_with_request(cluster, routed_rank, first_wait, second_wait)
+    cluster.barrier()
+    cluster.resume()
+    return handle.result(timeout=cluster.config.hang_timeout)
+
+
+@dataclass
+class ScheduleResult:
+    seed: int
+    ranks: int
+    handles: list[RequestHandle] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)
+
+
+def run_random_schedule(cluster: Cluster, seed: int, episodes: int = 3) -> ScheduleResult:
+    """Pauses of every mode, resumes, START_DP_WAVE at any moment, barriers, collective RPCs
+    and new requests, drawn from ``seed``. The schedule is valid client behaviour (barriers
+    and RPCs only while paused, resume only after the pause returned), so with the two-phase
+    protocol any hang is a protocol bug."""
+    rng = random.Random(seed)
+    n = cluster.config.ranks
+    result = ScheduleResult(seed, n)
+
+    def traffic(k: int) -> None:
+        for _ in range(k):
+            rank = rng.choice([None, rng.randrange(n)])
+            result.handles.append(cluster.generate(rng.randint(1, 40), rank=rank))
+        result.ops.append(f"traffic({k})")
+
+    def wave() -> None:
+        stale = rng.random() < 0.3
+        wave_no = max(0, cluster.current_wave - 1) if stale else None
+        # as vLLM's coordinator sends it: no exclusion, or a client's engine identity bytes
+        # (an integer exclusion only ever names the rank that started the wave itself)
+        exclude = rng.choice([None, bytes([rng.randrange(n), 0])])
+        cluster.inject_start_dp_wave(wave_no, exclude)
+        result.ops.append(f"start_dp_wave(stale={stale})")
+
+    for _ in range(episodes):
+        traffic(rng.randint(0, 6))
+        if rng.random() < 0.5:
+            wave()
+        time.sleep(rng.uniform(0, 0.03))
+        mode = rng.choice(["abort", "wait", "keep"])
+        order = list(range(n))
+        rng.shuffle(order)
+        stagger = rng.choice([0.0, 0.0, rng.uniform(0, 0.02)])
+        result.ops.append(f"pause({mode}, order={order}, stagger={stagger:.3f})")
+        if rng.random() < 0.3:
+            wave()
+        cluster.pause(mode, ranks=order, stagger=stagger)
+        for _ in range(rng.randint(0, 3)):
+            op = rng.choice(["barrier", "rpc", "request", "wave", "staggered"])
+            result.ops.append(op)
+            if op == "barrier":
+                cluster.barrier()
+            elif op == "rpc":
+                if cluster.collective_rpc(1) != [n] * n:
+                    raise AssertionError("collective_rpc returned a wrong sum")
+            elif op == "request":
+                traffic(rng.randint(1, 2))
+            elif op == "wave":
+                wave()
+            else:
+                result.handles.append(staggered_barrier_with_request(
+                    cluster, rng.randrange(1, n) if n > 1 else 0, rng.uniform(0, 0.05),
+                    rng.uniform(0, 0.05), rng.randint(1, 10)))
+        if rng.random() < 0.3:
+            wave()
+        cluster.resume()
+        result.ops.append("resume")
+    return result
+
+
+def check_schedule(cluster: Cluster, result: ScheduleResult, timeout: float = 30.0) -> None:
+    """Every request completed exactly once or reported aborted; ranks agree on sync rounds."""
+    where = f"(seed {result.seed}, DP {result.ranks}; replay with IC_SEED={result.seed})"
+    deadline = time.monotonic() + timeout
+    for handle in result.handles:
+        outcome = handle.result(timeout=max(0.1, deadline - time.monotonic()))
+        if outcome not in ("completed", "aborted"):
+            raise AssertionError(f"request {handle.req_id}: outcome {outcome!r} {where}")
+        outcomes = cluster.finished.get(handle.req_id, [])
+        if len(outcomes) != 1:
+            raise AssertionError(f"request {handle.req_id} finished {len(outcomes)} times: "
+                                 f"{outcomes} {where}")
+    while True:
+        stats = cluster.stats()
+        rounds = {s["sync_rounds"] for s in stats}
+        if len(rounds) == 1 and not any(s["engines_running"] for s in stats):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"ranks disagree on sync rounds or never went idle: "
+                                 f"{stats} {where}; ops: {result.ops}")
+        time.sleep(0.05)

@@ -1,0 +1,168 @@
+"""Telemetry settings, from flags and environment, checked once at start-up.
+
+Every bad value becomes a one-line ``TelemetryConfigError`` naming the setting and the fix, so
+a typo fails the launch instead of crashing a rank mid-run. Export follows the standard
+OpenTelemetry variables (``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_ENDPOINT``,
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``,
+``OTEL_SERVICE_NAME``); with none set, spans go to a local JSON-lines file.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlparse
+
+ENV_ENABLED = "INSTRUMENTED_CORE_TELEMETRY"
+ENV_PORT_BASE = "INSTRUMENTED_CORE_METRICS_PORT_BASE"
+ENV_HOST = "INSTRUMENTED_CORE_METRICS_HOST"
+ENV_DEBUG = "INSTRUMENTED_CORE_DEBUG_ENDPOINT"
+ENV_SPANS_FILE = "INSTRUMENTED_CORE_SPANS_FILE"
+ENV_MODEL_NAME = "INSTRUMENTED_CORE_MODEL_NAME"
+
+DEFAULT_PORT_BASE = 8100
+DEFAULT_HOST = "127.0.0.1"
+SPAN_EXPORTERS = ("otlp", "file", "console", "none")
+OTLP_PROTOCOLS = ("http/protobuf", "grpc")
+
+
+class TelemetryConfigError(ValueError):
+    """A telemetry setting that cannot work; the message is one line with the fix."""
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise TelemetryConfigError(f"{name}={raw!r} is not a boolean: use 1/0, true/false or on/off")
+
+
+def _port(raw: str, name: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        raise TelemetryConfigError(f"{name}={raw!r} is not a port number: use an integer "
+                                   "0-65535 (0 picks free ports)") from None
+    if not 0 <= port <= 65535:
+        raise TelemetryConfigError(f"{name}={port} is out of range: use 0-65535 (0 picks "
+                                   "free ports)")
+    return port
+
+
+def check_endpoint(url: str, name: str) -> str:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise TelemetryConfigError(
+            f"{name}={url!r} is not a valid OTLP endpoint: use http(s)://host:port, e.g. "
+            "http://127.0.0.1:4318")
+    try:
+        parsed.port
+    except ValueError:
+        raise TelemetryConfigError(f"{name}={url!r} has a bad port: use http(s)://host:port")
+    return url
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    enabled: bool = True
+    metrics_host: str = DEFAULT_HOST
+    metrics_port_base: int = DEFAULT_PORT_BASE  # rank r serves on base + r; 0 = any free port
+    debug_endpoint: bool = False
+    model_name: str = "instrumented-core-demo"
+    service_name: str = "vllm-dp-engine"
+    span_exporter: str = "file"
+    spans_file: str = "spans.jsonl"
+    otlp_endpoint: str | None = None  # full URL for traces
+    otlp_protocol: str = "http/protobuf"
+    extra_resource: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "TelemetryConfig":
+        """Read our variables and the standard OTEL_* ones; flags passed in ``overrides`` win."""
+        env = os.environ if env is None else env
+        kw: dict = {}
+        kw["enabled"] = _flag(env, ENV_ENABLED, True)
+        if env.get(ENV_PORT_BASE):
+            kw["metrics_port_base"] = _port(env[ENV_PORT_BASE], ENV_PORT_BASE)
+        if env.get(ENV_HOST):
+            kw["metrics_host"] = env[ENV_HOST]
+        kw["debug_endpoint"] = _flag(env, ENV_DEBUG, False)
+        if env.get(ENV_SPANS_FILE):
+            kw["spans_file"] = env[ENV_SPANS_FILE]
+        if env.get(ENV_MODEL_NAME):
+            kw["model_name"] = env[ENV_MODEL_NAME]
+        if env.get("OTEL_SERVICE_NAME"):
+            kw["service_name"] = env["OTEL_SERVICE_NAME"]
+        protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+            "OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+        if protocol not in OTLP_PROTOCOLS:
+            raise TelemetryConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not "
+                                       f"supported: use {' or '.join(OTLP_PROTOCOLS)}")
+        kw["otlp_protocol"] = protocol
+        traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        base_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        if traces_endpoint:
+            kw["otlp_endpoint"] = check_endpoint(traces_endpoint,
+                                                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        elif base_endpoint:
+            check_endpoint(base_endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT")
+            kw["otlp_endpoint"] = (base_endpoint.rstrip("/") + "/v1/traces"
+                                   if protocol == "http/protobuf" else base_endpoint)
+        exporter = (env.get("OTEL_TRACES_EXPORTER") or "").strip().lower()
+        if not exporter:
+            exporter = "otlp" if kw.get("otlp_endpoint") else "file"
+        if exporter not in SPAN_EXPORTERS:
+            raise TelemetryConfigError(f"OTEL_TRACES_EXPORTER={exporter!r} is not supported: use "
+                                       f"one of {', '.join(SPAN_EXPORTERS)}")
+        if exporter == "otlp" and not kw.get("otlp_endpoint"):
+            kw["otlp_endpoint"] = ("http://localhost:4318/v1/traces"
+                                   if protocol == "http/protobuf" else "http://localhost:4317")
+        kw["span_exporter"] = exporter
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls(**kw)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not 0 <= self.metrics_port_base <= 65535:
+            raise TelemetryConfigError(f"metrics port base {self.metrics_port_base} is out of "
+                                       "range: use 0-65535")
+        if self.span_exporter not in SPAN_EXPORTERS:
+            raise TelemetryConfigError(f"span exporter {self.span_exporter!r} is not supported: "
+                                       f"use one of {', '.join(SPAN_EXPORTERS)}")
+        if self.otlp_endpoint:
+            check_endpoint(self.otlp_endpoint, "OTLP endpoint")
+
+    def port_for(self, rank: int) -> int:
+        return 0 if self.metrics_port_base == 0 else self.metrics_port_base + rank
+
+    def with_spans_dir(self, directory: str | Path) -> "TelemetryConfig":
+        return replace(self, spans_file=str(Path(directory) / Path(self.spans_file).name))
+
+    def check_ports_free(self, ranks: int) -> None:
+        """Fail before starting any rank when one of the per-rank ports is taken."""
+        if not self.enabled or self.metrics_port_base == 0:
+            return
+        last = self.metrics_port_base + ranks - 1
+        if last > 65535:
+            raise TelemetryConfigError(f"metrics ports {self.metrics_port_base}-{last} exceed "
+                                       "65535: lower the metrics port base")
+        for rank in range(ranks):
+            port = self.port_for(rank)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((self.metrics_host, port))
+                except OSError:
+                    raise TelemetryConfigError(
+                        f"metrics port {port} on {self.metrics_host} (rank {rank}) is already in "
+                        f"use: pick a free range with --metrics-port-base or {ENV_PORT_BASE}"
+                    ) from None

@@ -1,0 +1,126 @@
+"""Prometheus metrics of one DP rank.
+
+Each rank process owns a ``CollectorRegistry`` served on its own port (base port + rank):
+ranks are separate processes with separate lifetimes, a hung rank must not take its peers'
+endpoint down, and per-rank targets let Prometheus' ``up`` name a dead rank. Label children
+are bound once here, so the hot path is one ``inc()``/``set()`` on a pre-bound child.
+
+Derived values, as PromQL:
+  seconds in the sync all-reduce now: vllm_dp_collective_inside_seconds{collective="sync_dp_state"}
+  round skew: max by (model_name) (vllm_dp_sync_rounds_total) - min by (model_name) (...)
+  dummy share: rate(vllm_dp_steps_total{kind="dummy"}[1m]) / sum without(kind) (rate(...))
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from instrumented_core.telemetry import names as n
+
+SYNC_WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+CONSENSUS_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                             2.5, 5.0, 10.0, 30.0, 60.0)
+CONSENSUS_STEPS_BUCKETS = (1, 2, 4, 8, 16, 17, 24, 32, 33, 48, 64, 96, 128, 256)
+
+
+class RankMetrics:
+    """All ``vllm_dp_*`` series of one engine, registered into ``registry``."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        engine: int | str,
+        model_name: str,
+        info: Mapping[str, str] | None = None,
+    ) -> None:
+        labels = {n.LABEL_ENGINE: str(engine), n.LABEL_MODEL_NAME: model_name}
+        base = list(n.BASE_LABELS)
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, base + list(extra), registry=registry)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, base + list(extra), registry=registry)
+
+        self.phase = gauge(n.PHASE, "Pause phase of this DP rank: 0 running, 1 pending_pause "
+                           "(waiting for all-reduce consensus), 2 paused.").labels(**labels)
+        self.ignore_start_dp_wave = gauge(
+            n.IGNORE_START_DP_WAVE, "1 while this rank drops START_DP_WAVE (paused after "
+            "consensus), else 0.").labels(**labels)
+        self.engines_running = gauge(n.ENGINES_RUNNING, "1 while this rank's busy loop is "
+                                     "stepping (real or dummy steps), 0 when idle.").labels(**labels)
+        self.current_wave = gauge(n.CURRENT_WAVE, "Current DP request wave number of this "
+                                  "rank.").labels(**labels)
+        self.step_counter = gauge(n.STEP_COUNTER, "Steps (count) taken in the current wave; "
+                                  "syncs happen on step 1 and every interval.").labels(**labels)
+        self.steps_until_sync = gauge(n.STEPS_UNTIL_SYNC, "Steps (count) until this rank's "
+                                      "next sync_dp_state all-reduce.").labels(**labels)
+        self.sync_interval = gauge(n.SYNC_INTERVAL, "Current sync cadence in steps (1 while the "
+                                   "adaptive cadence is syncing every step).").labels(**labels)
+        self.dp_size = gauge(n.DP_SIZE, "Data-parallel size (ranks) of this deployment.").labels(
+            **labels)
+        inside_since = gauge(n.COLLECTIVE_INSIDE_SINCE, "Unix time in seconds at which this rank "
+                             "entered the collective, 0 when not inside.", (n.LABEL_COLLECTIVE,))
+        inside = gauge(n.COLLECTIVE_INSIDE, "Seconds this rank has been inside the collective "
+                       "so far, 0 when not inside (computed at scrape time).",
+                       (n.LABEL_COLLECTIVE,))
+        self.inside_since = {c: inside_since.labels(**labels, collective=c) for c in n.COLLECTIVES}
+        for c, child in self.inside_since.items():
+            inside.labels(**labels, collective=c).set_function(_seconds_since(child))
+        self.last_progress = gauge(n.LAST_PROGRESS, "Unix time in seconds of this rank's last "
+                                   "completed step, sync round or utility call.").labels(**labels)
+        self.pending_since = gauge(n.PAUSE_PENDING_SINCE, "Unix time in seconds at which the "
+                                   "current pending pause began, 0 when not pending.").labels(
+            **labels)
+
+        steps = counter(n.STEPS, "Engine steps (count) by kind: real (scheduled requests) or "
+                        "dummy (idle rank keeping lockstep).", (n.LABEL_KIND,))
+        self.steps = {k: steps.labels(**labels, kind=k) for k in n.STEP_KINDS}
+        self.sync_rounds = counter(n.SYNC_ROUNDS, "sync_dp_state all-reduce rounds (count) "
+                                   "completed by this rank.").labels(**labels)
+        pause_requests = counter(n.PAUSE_REQUESTS, "Pause requests (count) received, by mode.",
+                                 (n.LABEL_MODE,))
+        self.pause_requests = {m: pause_requests.labels(**labels, mode=m) for m in n.PAUSE_MODES}
+        self.pause_consensus = counter(n.PAUSE_CONSENSUS, "Pauses (count) that reached "
+                                       "all-rank consensus on this rank.").labels(**labels)
+        self.resumes = counter(n.RESUMES, "Resumes (count) applied on this rank.").labels(**labels)
+        waves = counter(n.START_DP_WAVE, "START_DP_WAVE messages (count) by outcome: acted, "
+                        "ignored (paused), stale, excluded.", (n.LABEL_OUTCOME,))
+        self.start_dp_wave = {o: waves.labels(**labels, outcome=o) for o in n.WAVE_OUTCOMES}
+        finished = counter(n.REQUESTS_FINISHED, "Requests (count) finished on this rank, by "
+                           "outcome.", (n.LABEL_OUTCOME,))
+        self.requests_finished = {o: finished.labels(**labels, outcome=o)
+                                  for o in n.REQUEST_OUTCOMES}
+        wait = counter(n.COLLECTIVE_WAIT, "Seconds spent inside collectives, by collective.",
+                       (n.LABEL_COLLECTIVE,))
+        self.collective_wait = {c: wait.labels(**labels, collective=c) for c in n.COLLECTIVES}
+        dropped = counter(n.TELEMETRY_DROPPED, "Telemetry items (count) dropped instead of "
+                          "blocking the engine, by signal.", (n.LABEL_SIGNAL,))
+        self.dropped = {s: dropped.labels(**labels, signal=s) for s in n.SIGNALS}
+
+        self.sync_wait = Histogram(n.SYNC_WAIT, "Seconds spent inside each sync_dp_state "
+                                   "all-reduce.", base, buckets=SYNC_WAIT_BUCKETS,
+                                   registry=registry).labels(**labels)
+        self.consensus_latency = Histogram(
+            n.PAUSE_CONSENSUS_LATENCY, "Seconds from this rank's pause request to all-rank "
+            "consensus.", base, buckets=CONSENSUS_SECONDS_BUCKETS, registry=registry).labels(
+            **labels)
+        self.consensus_steps = Histogram(
+            n.PAUSE_CONSENSUS_STEPS, "Steps (count) this rank took from its pause request to "
+            "all-rank consensus.", base, buckets=CONSENSUS_STEPS_BUCKETS,
+            registry=registry).labels(**labels)
+        Info(n.INFO, "Static facts about this DP rank's pause protocol and versions.", base,
+             registry=registry).labels(**labels).info(dict(info or {}))
+        self.last_progress.set(time.time())
+
+
+def _seconds_since(since_gauge) -> Callable[[], float]:
+    def read() -> float:
+        since = since_gauge._value.get()
+        return max(0.0, time.time() - since) if since else 0.0
+
+    return read

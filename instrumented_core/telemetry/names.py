@@ -1,0 +1,143 @@
+"""Every telemetry name this project emits, in one place.
+
+Dashboards, alert rules, the doctor and the tests import these constants (or are checked
+against them); no other module spells a metric, label, span, event or attribute name.
+Metric names follow Prometheus conventions: the ``vllm_dp_`` prefix, base units as suffixes,
+counters declared without ``_total`` (prometheus_client appends it when exposing).
+"""
+
+from __future__ import annotations
+
+# --- Prometheus ------------------------------------------------------------------------------
+
+PREFIX = "vllm_dp_"
+
+# Labels. `engine` is the DP rank, exactly as vLLM labels its own per-engine metrics.
+LABEL_ENGINE = "engine"
+LABEL_MODEL_NAME = "model_name"
+LABEL_MODE = "mode"  # pause mode: abort | wait | keep
+LABEL_KIND = "kind"  # step kind: real | dummy
+LABEL_OUTCOME = "outcome"  # START_DP_WAVE / request outcome
+LABEL_COLLECTIVE = "collective"  # which collective a rank is inside
+LABEL_SIGNAL = "signal"  # telemetry signal that dropped data
+LABEL_CADENCE = "cadence"  # sync cadence: fixed | adaptive
+
+BASE_LABELS = (LABEL_ENGINE, LABEL_MODEL_NAME)
+
+# Gauges
+PHASE = "vllm_dp_pause_phase"
+IGNORE_START_DP_WAVE = "vllm_dp_ignore_start_dp_wave"
+ENGINES_RUNNING = "vllm_dp_engines_running"
+CURRENT_WAVE = "vllm_dp_current_wave"
+STEP_COUNTER = "vllm_dp_wave_step_counter"
+STEPS_UNTIL_SYNC = "vllm_dp_steps_until_sync"
+SYNC_INTERVAL = "vllm_dp_sync_interval_steps"
+DP_SIZE = "vllm_dp_size"
+COLLECTIVE_INSIDE_SINCE = "vllm_dp_collective_inside_since_timestamp_seconds"
+COLLECTIVE_INSIDE = "vllm_dp_collective_inside_seconds"
+LAST_PROGRESS = "vllm_dp_last_progress_timestamp_seconds"
+PAUSE_PENDING_SINCE = "vllm_dp_pause_pending_since_timestamp_seconds"
+# Counters (exposed with a `_total` suffix)
+STEPS = "vllm_dp_steps"
+SYNC_ROUNDS = "vllm_dp_sync_rounds"
+PAUSE_REQUESTS = "vllm_dp_pause_requests"
+PAUSE_CONSENSUS = "vllm_dp_pause_consensus"
+RESUMES = "vllm_dp_resumes"
+START_DP_WAVE = "vllm_dp_start_dp_wave"
+REQUESTS_FINISHED = "vllm_dp_requests_finished"
+COLLECTIVE_WAIT = "vllm_dp_collective_wait_seconds"
+TELEMETRY_DROPPED = "vllm_dp_telemetry_dropped"
+# Histograms
+SYNC_WAIT = "vllm_dp_sync_wait_seconds"
+PAUSE_CONSENSUS_LATENCY = "vllm_dp_pause_consensus_latency_seconds"
+PAUSE_CONSENSUS_STEPS = "vllm_dp_pause_consensus_steps"
+# Info
+INFO = "vllm_dp"  # exposed as vllm_dp_info
+
+# Values of the phase gauge (also the order of a state timeline's value mappings).
+PHASE_RUNNING = 0
+PHASE_PENDING_PAUSE = 1
+PHASE_PAUSED = 2
+PHASE_CODES = {"running": PHASE_RUNNING, "pending_pause": PHASE_PENDING_PAUSE, "paused": PHASE_PAUSED}
+
+# Label values.
+STEP_KINDS = ("real", "dummy")
+PAUSE_MODES = ("abort", "wait", "keep")
+WAVE_OUTCOMES = ("acted", "ignored", "stale", "excluded")
+REQUEST_OUTCOMES = ("completed", "aborted")
+COLLECTIVE_SYNC = "sync_dp_state"
+COLLECTIVES = (COLLECTIVE_SYNC, "step", "barrier", "collective_rpc", "resume")
+SIGNALS = ("spans",)
+CADENCES = ("fixed", "adaptive")
+
+SUFFIXED_COUNTERS = tuple(
+    n + "_total"
+    for n in (
+        STEPS,
+        SYNC_ROUNDS,
+        PAUSE_REQUESTS,
+        PAUSE_CONSENSUS,
+        RESUMES,
+        START_DP_WAVE,
+        REQUESTS_FINISHED,
+        TELEMETRY_DROPPED,
+    )
+) + (COLLECTIVE_WAIT + "_total",)
+HISTOGRAMS = (SYNC_WAIT, PAUSE_CONSENSUS_LATENCY, PAUSE_CONSENSUS_STEPS)
+GAUGES = (
+    PHASE,
+    IGNORE_START_DP_WAVE,
+    ENGINES_RUNNING,
+    CURRENT_WAVE,
+    STEP_COUNTER,
+    STEPS_UNTIL_SYNC,
+    SYNC_INTERVAL,
+    DP_SIZE,
+    COLLECTIVE_INSIDE_SINCE,
+    COLLECTIVE_INSIDE,
+    LAST_PROGRESS,
+    PAUSE_PENDING_SINCE,
+)
+
+
+def exposed_series_names() -> frozenset[str]:
+    """Every series name a scrape can contain (histograms with their suffixes)."""
+    names = set(GAUGES) | set(SUFFIXED_COUNTERS) | {INFO + "_info"}
+    for h in HISTOGRAMS:
+        names |= {h + "_bucket", h + "_sum", h + "_count"}
+    return frozenset(names)
+
+
+# --- OpenTelemetry ---------------------------------------------------------------------------
+
+TRACER_NAME = "instrumented_core"
+
+SPAN_PAUSE = "dp.pause"  # one per rank per pause: request -> resume
+SPAN_PENDING = "dp.pause.pending"  # child: request -> consensus
+SPAN_PAUSED = "dp.pause.paused"  # child: consensus -> resume
+SPAN_CLIENT_PAUSE = "dp.pause_generation"  # the client's fan-out, parent of the ranks' spans
+
+EVENT_SYNC_ROUND = "dp.sync_round"
+EVENT_CONSENSUS = "dp.consensus"
+EVENT_START_DP_WAVE_IGNORED = "dp.start_dp_wave.ignored"
+EVENT_START_DP_WAVE = "dp.start_dp_wave"
+EVENT_RESUME = "dp.resume"
+
+ATTR_RANK = "vllm.dp.rank"
+ATTR_DP_SIZE = "vllm.dp.size"
+ATTR_MODE = "vllm.dp.pause.mode"
+ATTR_PAUSE_ORDINAL = "vllm.dp.pause.ordinal"
+ATTR_WAVE = "vllm.dp.wave"
+ATTR_SYNC_ROUND = "vllm.dp.sync_round"
+ATTR_STEPS_WAITED = "vllm.dp.pause.steps_waited"
+ATTR_SECONDS_WAITED = "vllm.dp.pause.seconds_waited"
+ATTR_LOCAL_UNFINISHED = "vllm.dp.sync.local_unfinished"
+ATTR_LOCAL_PAUSE = "vllm.dp.sync.local_pause"
+ATTR_GLOBAL_UNFINISHED = "vllm.dp.sync.global_unfinished"
+ATTR_PAUSE_VOTES = "vllm.dp.sync.pause_votes"
+ATTR_CONSENSUS = "vllm.dp.sync.consensus"
+ATTR_SYNC_SECONDS = "vllm.dp.sync.wait_seconds"
+ATTR_EXCLUDE = "vllm.dp.start_dp_wave.exclude"
+ATTR_OUTCOME = "vllm.dp.start_dp_wave.outcome"
+ATTR_PROTOCOL = "vllm.dp.protocol"
+ATTR_MODEL_NAME = "vllm.dp.model_name"

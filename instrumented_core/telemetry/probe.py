@@ -1,0 +1,290 @@
+"""The probe: the one object an engine calls at each pause-protocol transition.
+
+Both engines call it the same way: the CPU reference cluster's rank loop and the vLLM
+instrumentor wrapping ``DPEngineCoreProc``. ``Probe`` is the no-op base (telemetry off costs a
+method call); ``TelemetryProbe`` turns the calls into Prometheus samples and OpenTelemetry
+spans. Every method of ``TelemetryProbe`` is guarded: an exception inside telemetry is logged
+once and swallowed, never raised into the busy loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any
+
+from instrumented_core.protocol import Phase, SyncResult, steps_until_sync
+from instrumented_core.telemetry import names as n
+
+log = logging.getLogger(__name__)
+
+
+class Probe:
+    """No-op probe; the interface every engine calls. Subclasses observe, never decide."""
+
+    enabled = False
+
+    def attach(self, state: Any) -> None:
+        """``state`` exposes vLLM's attribute names (engines_running, current_wave, ...)."""
+
+    def pause_requested(self, mode: str, trace_parent: str | None = None) -> None: ...
+
+    def phase_changed(self, old: Phase, new: Phase) -> None: ...
+
+    def sync_begin(self, local_unfinished: bool, local_pause: bool) -> None: ...
+
+    def sync_end(self, result: SyncResult, seconds: float) -> None: ...
+
+    def consensus(self) -> None: ...
+
+    def start_dp_wave(self, wave: int, exclude: object, outcome: str) -> None: ...
+
+    def resumed(self) -> None: ...
+
+    def step_end(self, dummy: bool) -> None: ...
+
+    def wave_changed(self, wave: int) -> None: ...
+
+    def collective_begin(self, collective: str) -> None: ...
+
+    def collective_end(self, collective: str, seconds: float) -> None: ...
+
+    def request_finished(self, outcome: str) -> None: ...
+
+    def progress(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+NULL_PROBE = Probe()
+
+
+def _guarded(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:  # noqa: BLE001 - telemetry must never break the engine
+            if not self._error_logged:
+                self._error_logged = True
+                log.exception("telemetry probe error in %s (logged once, ignored)",
+                              method.__name__)
+            return None
+
+    return wrapper
+
+
+class TelemetryProbe(Probe):
+    """Metrics and spans for one rank. ``metrics`` or ``tracer_provider`` may be None."""
+
+    enabled = True
+
+    def __init__(
+        self,
+        rank: int,
+        dp_size: int,
+        metrics=None,
+        tracer_provider=None,
+        group_key: str = "dp",
+        protocol: str = "two-phase",
+        model_name: str = "",
+    ) -> None:
+        self.rank = rank
+        self.dp_size = dp_size
+        self.metrics = metrics
+        self.group_key = group_key
+        self.protocol = protocol
+        self.model_name = model_name
+        self._error_logged = False
+        self._tracer = (tracer_provider.get_tracer(n.TRACER_NAME)
+                        if tracer_provider is not None else None)
+        self._provider = tracer_provider
+        self._state: Any = None
+        self.steps_total = 0
+        self.pause_ordinal = 0
+        self._pause_started_at = 0.0
+        self._pause_started_step = 0
+        self._pause_span = None
+        self._phase_span = None
+        self._mode = ""
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    @_guarded
+    def attach(self, state: Any) -> None:
+        """Gauges that mirror engine state are read from ``state`` at scrape time (free)."""
+        self._state = state
+        m = self.metrics
+        if m is None:
+            return
+        m.dp_size.set(self.dp_size)
+        m.engines_running.set_function(lambda: float(bool(state.engines_running)))
+        m.ignore_start_dp_wave.set_function(lambda: float(bool(state.ignore_start_dp_wave)))
+        m.current_wave.set_function(lambda: float(state.current_wave))
+        m.step_counter.set_function(lambda: float(state.step_counter))
+        m.sync_interval.set_function(
+            lambda: 1.0 if getattr(state, "fast_sync", False) else float(state.sync_interval))
+        m.steps_until_sync.set_function(lambda: float(steps_until_sync(
+            state.step_counter, state.sync_interval, getattr(state, "fast_sync", False))))
+
+    def _span_attrs(self) -> dict:
+        return {n.ATTR_RANK: self.rank, n.ATTR_DP_SIZE: self.dp_size,
+                n.ATTR_PROTOCOL: self.protocol, n.ATTR_MODEL_NAME: self.model_name}
+
+    def _wave(self) -> int:
+        return int(getattr(self._state, "current_wave", 0)) if self._state is not None else 0
+
+    # -- transitions ----------------------------------------------------------------------
+
+    @_guarded
+    def pause_requested(self, mode: str, trace_parent: str | None = None) -> None:
+        self.pause_ordinal += 1
+        self._mode = mode
+        self._pause_started_at = time.time()
+        self._pause_started_step = self.steps_total
+        if self.metrics is not None:
+            self.metrics.pause_requests[mode].inc()
+        if self._tracer is not None and self._pause_span is None:
+            from instrumented_core.telemetry.tracing import parent_context
+
+            ctx = parent_context(trace_parent, self.group_key, self.pause_ordinal)
+            attrs = self._span_attrs()
+            attrs.update({n.ATTR_MODE: mode, n.ATTR_PAUSE_ORDINAL: self.pause_ordinal,
+                          n.ATTR_WAVE: self._wave()})
+            self._pause_span = self._tracer.start_span(n.SPAN_PAUSE, context=ctx,
+                                                       attributes=attrs)
+
+    def _start_phase_span(self, name: str) -> None:
+        from opentelemetry import trace
+
+        if self._phase_span is not None:
+            self._phase_span.end()
+        ctx = trace.set_span_in_context(self._pause_span)
+        self._phase_span = self._tracer.start_span(name, context=ctx, attributes=self._span_attrs())
+
+    @_guarded
+    def phase_changed(self, old: Phase, new: Phase) -> None:
+        now = time.time()
+        m = self.metrics
+        if m is not None:
+            m.phase.set(n.PHASE_CODES[new.value])
+            m.pending_since.set(now if new is Phase.PENDING_PAUSE else 0)
+        if new is Phase.PAUSED and self._pause_started_at:
+            seconds = now - self._pause_started_at
+            steps = self.steps_total - self._pause_started_step
+            if m is not None:
+                m.consensus_latency.observe(seconds)
+                m.consensus_steps.observe(steps)
+            if self._phase_span is not None:
+                self._phase_span.set_attributes({n.ATTR_STEPS_WAITED: steps,
+                                                 n.ATTR_SECONDS_WAITED: seconds})
+            self._pause_started_at = 0.0
+        if self._pause_span is None:
+            return
+        if new is Phase.PENDING_PAUSE:
+            self._start_phase_span(n.SPAN_PENDING)
+        elif new is Phase.PAUSED:
+            self._pause_span.add_event(n.EVENT_CONSENSUS, {n.ATTR_WAVE: self._wave()})
+            self._start_phase_span(n.SPAN_PAUSED)
+        else:
+            self._end_pause_span()
+
+    def _end_pause_span(self) -> None:
+        if self._phase_span is not None:
+            self._phase_span.end()
+            self._phase_span = None
+        if self._pause_span is not None:
+            self._pause_span.end()
+            self._pause_span = None
+
+    @_guarded
+    def sync_begin(self, local_unfinished: bool, local_pause: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.inside_since[n.COLLECTIVE_SYNC].set(time.time())
+        self._sync_local = (local_unfinished, local_pause)
+
+    @_guarded
+    def sync_end(self, result: SyncResult, seconds: float) -> None:
+        m = self.metrics
+        if m is not None:
+            m.inside_since[n.COLLECTIVE_SYNC].set(0)
+            m.sync_rounds.inc()
+            m.sync_wait.observe(seconds)
+            m.collective_wait[n.COLLECTIVE_SYNC].inc(seconds)
+            m.last_progress.set(time.time())
+        if self._phase_span is not None and self._state is not None and (
+                getattr(self._state, "pending_pause", False) or result.consensus):
+            local_unfinished, local_pause = getattr(self, "_sync_local", (False, False))
+            self._phase_span.add_event(n.EVENT_SYNC_ROUND, {
+                n.ATTR_SYNC_ROUND: int(getattr(self._state, "sync_rounds", 0)),
+                n.ATTR_LOCAL_UNFINISHED: local_unfinished, n.ATTR_LOCAL_PAUSE: local_pause,
+                n.ATTR_GLOBAL_UNFINISHED: result.global_unfinished,
+                n.ATTR_PAUSE_VOTES: result.pause_votes, n.ATTR_CONSENSUS: result.consensus,
+                n.ATTR_SYNC_SECONDS: seconds})
+
+    @_guarded
+    def consensus(self) -> None:
+        if self.metrics is not None:
+            self.metrics.pause_consensus.inc()
+
+    @_guarded
+    def start_dp_wave(self, wave: int, exclude: object, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.start_dp_wave[outcome].inc()
+        span = self._phase_span or self._pause_span
+        if span is not None:
+            name = n.EVENT_START_DP_WAVE_IGNORED if outcome == "ignored" else n.EVENT_START_DP_WAVE
+            span.add_event(name, {n.ATTR_WAVE: wave, n.ATTR_EXCLUDE: repr(exclude),
+                                  n.ATTR_OUTCOME: outcome})
+
+    @_guarded
+    def resumed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.resumes.inc()
+            self.metrics.last_progress.set(time.time())
+        if self._pause_span is not None:
+            self._pause_span.add_event(n.EVENT_RESUME, {n.ATTR_WAVE: self._wave()})
+
+    @_guarded
+    def step_end(self, dummy: bool) -> None:
+        self.steps_total += 1
+        m = self.metrics
+        if m is not None:
+            m.steps["dummy" if dummy else "real"].inc()
+            m.last_progress.set(time.time())
+
+    @_guarded
+    def collective_begin(self, collective: str) -> None:
+        if self.metrics is not None:
+            self.metrics.inside_since[collective].set(time.time())
+
+    @_guarded
+    def collective_end(self, collective: str, seconds: float) -> None:
+        m = self.metrics
+        if m is not None:
+            m.inside_since[collective].set(0)
+            m.collective_wait[collective].inc(seconds)
+
+    @_guarded
+    def request_finished(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.requests_finished[outcome].inc()
+
+    @_guarded
+    def progress(self) -> None:
+        if self.metrics is not None:
+            self.metrics.last_progress.set(time.time())
+
+    def dropped(self, count: int, signal: str = "spans") -> None:
+        try:
+            if self.metrics is not None:
+                self.metrics.dropped[signal].inc(count)
+        except Exception:  # noqa: BLE001
+            pass
+
+    @_guarded
+    def shutdown(self) -> None:
+        self._end_pause_span()
+        if self._provider is not None:
+            self._provider.shutdown()

@@ -1,0 +1,202 @@
+"""OpenTelemetry tracing for a rank: provider, exporters, and a processor that never blocks.
+
+The engine thread only ever appends a finished span to a bounded queue; a daemon thread
+exports in batches. A full queue or a failing exporter drops spans, counts them (the
+``vllm_dp_telemetry_dropped_total{signal="spans"}`` counter) and logs once: an unreachable
+collector must not slow the busy loop, let alone stall a rank inside a pause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from instrumented_core.telemetry import names as n
+from instrumented_core.telemetry.config import TelemetryConfig
+
+log = logging.getLogger(__name__)
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends one compact JSON object per span; the run report reads this file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = Path(path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = "".join(json.dumps(json.loads(s.to_json()), separators=(",", ":")) + "\n"
+                        for s in spans)
+        data = lines.encode()
+        with self._lock:
+            # One O_APPEND write per batch: ranks share the file without interleaving lines.
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+class BoundedSpanProcessor(SpanProcessor):
+    """Batching processor with a bounded queue, counted drops and logged-once errors."""
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        on_drop: Callable[[int], None],
+        max_queue: int = 2048,
+        max_batch: int = 256,
+        interval: float = 0.5,
+    ) -> None:
+        self._exporter = exporter
+        self._on_drop = on_drop
+        self._queue: queue.Queue[ReadableSpan] = queue.Queue(max_queue)
+        self._max_batch = max_batch
+        self._interval = interval
+        self._stop = threading.Event()
+        self._flush_requested = threading.Event()
+        self._flushed = threading.Event()
+        self._error_logged = False
+        self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
+        self._thread.start()
+
+    def on_start(self, span, parent_context=None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        try:
+            self._queue.put_nowait(span)
+        except queue.Full:
+            self._on_drop(1)
+
+    def _drain(self) -> list[ReadableSpan]:
+        batch: list[ReadableSpan] = []
+        while len(batch) < self._max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _export(self, batch: list[ReadableSpan]) -> None:
+        try:
+            result = self._exporter.export(batch)
+            ok = result is SpanExportResult.SUCCESS
+            error = None if ok else "exporter returned FAILURE"
+        except Exception as e:  # noqa: BLE001 - telemetry never raises into the engine
+            ok, error = False, f"{type(e).__name__}: {e}"
+        if not ok:
+            self._on_drop(len(batch))
+            if not self._error_logged:
+                self._error_logged = True
+                log.error("span export failed, dropping spans (logged once): %s", error)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._flush_requested.wait(self._interval)
+            while batch := self._drain():
+                self._export(batch)
+            if self._flush_requested.is_set():
+                self._flush_requested.clear()
+                self._flushed.set()
+        while batch := self._drain():
+            self._export(batch)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        self._flushed.clear()
+        self._flush_requested.set()
+        return self._flushed.wait(timeout_millis / 1000)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._flush_requested.set()
+        self._thread.join(timeout=5)
+        try:
+            self._exporter.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def make_exporter(config: TelemetryConfig) -> SpanExporter | None:
+    if config.span_exporter == "none":
+        return None
+    if config.span_exporter == "file":
+        return JsonLinesSpanExporter(config.spans_file)
+    if config.span_exporter == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if config.otlp_protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=config.otlp_endpoint, timeout=2)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=config.otlp_endpoint, timeout=2)
+
+
+def make_tracer_provider(
+    config: TelemetryConfig,
+    rank: int,
+    dp_size: int,
+    on_drop: Callable[[int], None],
+    instance: str | None = None,
+) -> TracerProvider | None:
+    """A provider of our own (not the global one): the host process may have its own."""
+    exporter = make_exporter(config)
+    if exporter is None:
+        return None
+    resource = Resource.create({
+        "service.name": config.service_name,
+        "service.instance.id": instance or f"dp-rank-{rank}",
+        n.ATTR_RANK: rank,
+        n.ATTR_DP_SIZE: dp_size,
+        **config.extra_resource,
+    })
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BoundedSpanProcessor(exporter, on_drop))
+    return provider
+
+
+def format_traceparent(span: trace.Span) -> str:
+    ctx = span.get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def parent_context(trace_parent: str | None, group_key: str, pause_ordinal: int):
+    """Context all ranks' spans of one pause hang from.
+
+    With a W3C ``traceparent`` from the client, the ranks' spans are its children. Without one
+    (vLLM's utility calls carry none) every rank derives the same trace id from what all ranks
+    share, the deployment's DP group key and the pause's ordinal, so one pause is one trace.
+    """
+    if trace_parent:
+        try:
+            _, trace_id, span_id, flags = trace_parent.split("-")
+            ctx = SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
+                              trace_flags=TraceFlags(int(flags, 16)))
+            return trace.set_span_in_context(NonRecordingSpan(ctx))
+        except ValueError:
+            log.warning("ignoring malformed traceparent %r", trace_parent)
+    digest = hashlib.sha256(f"{group_key}/pause/{pause_ordinal}".encode()).digest()
+    ctx = SpanContext(int.from_bytes(digest[:16], "big") or 1,
+                      int.from_bytes(digest[16:24], "big") or 1, is_remote=True,
+                      trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return trace.set_span_in_context(NonRecordingSpan(ctx))
