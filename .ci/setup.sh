@@ -10,7 +10,7 @@ PY="${PYTHON:-python3}"
 need_apt=()
 if [ "$want" = "test" ]; then
   command -v promtool >/dev/null || need_apt+=(prometheus)
-  command -v alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
+  command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
   command -v chromium >/dev/null || need_apt+=(chromium)
 fi
 if [ "${#need_apt[@]}" -gt 0 ]; then

@@ -259,13 +259,18 @@ class PauseStateMachine:
 
     # -- the periodic all-reduce ----------------------------------------------------------
 
+    def next_call_syncs(self) -> bool:
+        """Whether the next ``has_global_unfinished_reqs`` call runs the all-reduce."""
+        step = self.step_counter + 1
+        if self.two_phase:
+            return is_sync_step(step, self.sync_interval, self.fast_sync)
+        return step % self.sync_interval == 0
+
     def has_global_unfinished_reqs(self, local_unfinished: bool, all_reduce: AllReduce) -> bool:
         """``_has_global_unfinished_reqs``: called once per step; returns engines_running."""
+        syncs = self.next_call_syncs()
         self.step_counter += 1
-        if self.two_phase:
-            if not is_sync_step(self.step_counter, self.sync_interval, self.fast_sync):
-                return True
-        elif self.step_counter % self.sync_interval != 0:
+        if not syncs:
             return True
         local_pause = self.pending_pause and self.two_phase
         self.probe.sync_begin(local_unfinished, local_pause)

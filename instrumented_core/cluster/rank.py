@@ -68,11 +68,7 @@ class RankEngine:
             self.probe.collective_end(name, time.perf_counter() - started)
 
     def _sync_all_reduce(self, values: list[int]) -> list[int]:
-        """``ParallelConfig.sync_dp_state``'s all-reduce; the stall fault hangs before it."""
-        if self.fault == "stall":
-            self.board.set(self.rank, F_STALLED, 1)
-            while True:  # alive (metrics still answer) but never enters the all-reduce
-                time.sleep(0.05)
+        """``ParallelConfig.sync_dp_state``'s all-reduce."""
         tensor = self.torch.tensor(values, dtype=self.torch.int32)
         self.board.enter(self.rank, "sync_dp_state")
         try:
@@ -84,6 +80,12 @@ class RankEngine:
             self.board.leave(self.rank)
         self.board.set(self.rank, F_SYNC_ROUNDS, self.sm.sync_rounds + 1)
         return tensor.tolist()
+
+    def _stall(self) -> None:
+        """The stall fault: alive (metrics still answer) but never enters the sync all-reduce."""
+        self.board.set(self.rank, F_STALLED, 1)
+        while True:
+            time.sleep(0.05)
 
     def _resume_all_reduce(self, values: list[int]) -> list[int]:
         tensor = self.torch.tensor(values, dtype=self.torch.int32)
@@ -259,6 +261,8 @@ class RankEngine:
                     continue
                 self._model_step()
                 self.probe.step_end(True)
+            if self.fault == "stall" and sm.next_call_syncs():
+                self._stall()
             sm.engines_running = sm.has_global_unfinished_reqs(local_unfinished,
                                                                self._sync_all_reduce)
             self._publish_phase()

@@ -1,0 +1,143 @@
+"""Reading ranks' ``/metrics`` (or a Prometheus server) into per-rank views.
+
+Used by the doctor, the demo's live view and the tests, so they read the same series the same
+way Prometheus would, over HTTP, never from Python objects inside the ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from instrumented_core.diagnosis import RankView
+from instrumented_core.telemetry import names as n
+
+PHASE_NAMES = {code: name for name, code in n.PHASE_CODES.items()}
+WAIT_COLLECTIVES = ("step", n.COLLECTIVE_SYNC)
+
+
+@dataclass
+class RankSample:
+    target: str
+    reachable: bool
+    error: str = ""
+    fetched_at: float = 0.0
+    values: dict[tuple[str, frozenset], float] = field(default_factory=dict)
+
+    def get(self, name: str, default: float | None = None, **labels: str) -> float | None:
+        """The one series ``name`` whose labels include ``labels`` (engine/model ignored)."""
+        want = set(labels.items())
+        for (series, label_set), value in self.values.items():
+            if series == name and want <= label_set:
+                return value
+        return default
+
+    def sum(self, name: str, **labels: str) -> float:
+        want = set(labels.items())
+        return sum(v for (s, ls), v in self.values.items() if s == name and want <= ls)
+
+    @property
+    def engine(self) -> int | None:
+        for (series, label_set) in self.values:
+            if series == n.DP_SIZE:
+                return int(dict(label_set)[n.LABEL_ENGINE])
+        return None
+
+
+def metrics_url(target: str) -> str:
+    if target.startswith("http://") or target.startswith("https://"):
+        return target if target.rstrip("/").endswith("/metrics") else target.rstrip("/") + "/metrics"
+    return f"http://{target}/metrics"
+
+
+def scrape(target: str, timeout: float = 1.0) -> RankSample:
+    url = metrics_url(target)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode()
+    except Exception as e:  # noqa: BLE001 - unreachable is a finding, not a crash
+        return RankSample(target, False, f"{type(e).__name__}: {e}", time.time())
+    sample = RankSample(target, True, fetched_at=time.time())
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            sample.values[(s.name, frozenset(s.labels.items()))] = s.value
+    return sample
+
+
+def scrape_all(targets: list[str], timeout: float = 1.0) -> list[RankSample]:
+    if not targets:
+        return []
+    with ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
+        return list(pool.map(lambda t: scrape(t, timeout), targets))
+
+
+def to_view(sample: RankSample, rank: int, previous: RankSample | None = None) -> RankView:
+    """One rank's diagnosis input; with ``previous`` it also gets its collective wait share."""
+    if not sample.reachable:
+        return RankView(rank=rank, reachable=False)
+    inside = {c: sample.get(n.COLLECTIVE_INSIDE, 0.0, collective=c) or 0.0 for c in n.COLLECTIVES}
+    collective, seconds = max(inside.items(), key=lambda kv: kv[1])
+    last_progress = sample.get(n.LAST_PROGRESS, 0.0) or 0.0
+    wait_fraction = None
+    if previous is not None and previous.reachable:
+        elapsed = sample.fetched_at - previous.fetched_at
+        waited = sum(sample.get(n.COLLECTIVE_WAIT + "_total", 0.0, collective=c) -
+                     previous.get(n.COLLECTIVE_WAIT + "_total", 0.0, collective=c)
+                     for c in WAIT_COLLECTIVES)
+        # a rank sitting inside a collective right now has not banked that wait yet
+        waited += min(seconds, elapsed) if collective in WAIT_COLLECTIVES else 0.0
+        if elapsed > 0:
+            wait_fraction = max(0.0, min(1.0, waited / elapsed))
+    until = sample.get(n.STEPS_UNTIL_SYNC)
+    return RankView(
+        rank=rank,
+        reachable=True,
+        phase=PHASE_NAMES.get(int(sample.get(n.PHASE, 0) or 0), "running"),
+        collective=collective if seconds > 0 else None,
+        inside_seconds=seconds,
+        progress_age=max(0.0, sample.fetched_at - last_progress) if last_progress else 0.0,
+        engines_running=bool(sample.get(n.ENGINES_RUNNING, 0)),
+        wait_fraction=wait_fraction,
+        steps_until_sync=int(until) if until is not None else None,
+    )
+
+
+def prometheus_samples(base_url: str, timeout: float = 2.0,
+                       selector: str = "") -> list[RankSample]:
+    """Per-engine samples built from a Prometheus server's latest values (instant queries).
+
+    ``up == 0`` targets become unreachable ranks, so a dead rank is still named."""
+    by_engine: dict[str, RankSample] = {}
+    now = time.time()
+
+    def query(expr: str) -> list[dict]:
+        url = base_url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body = json.load(response)
+        if body.get("status") != "success":
+            raise RuntimeError(f"Prometheus query failed: {body.get('error')}")
+        return body["data"]["result"]
+
+    sel = f"{{{selector}}}" if selector else ""
+    expr = "{__name__=~\"vllm_dp_.*\"" + (f",{selector}" if selector else "") + "}"
+    for item in query(expr):
+        labels = dict(item["metric"])
+        engine = labels.get(n.LABEL_ENGINE)
+        if engine is None:
+            continue
+        name = labels.pop("__name__")
+        for drop in ("instance", "job"):
+            labels.pop(drop, None)
+        sample = by_engine.setdefault(engine, RankSample(f"engine {engine}", True, fetched_at=now))
+        sample.values[(name, frozenset(labels.items()))] = float(item["value"][1])
+    for item in query(f"up{sel} == 0"):
+        engine = item["metric"].get(n.LABEL_ENGINE) or item["metric"].get("rank")
+        if engine is not None:
+            by_engine[engine] = RankSample(f"engine {engine}", False, "target down", now)
+    return [by_engine[k] for k in sorted(by_engine, key=int)]
