@@ -103,7 +103,10 @@ def diagnose(views: list[RankView], threshold: float = 2.0) -> Verdict:
         slowest = min(rated, key=lambda v: v.wait_fraction)
         others = sorted(v.wait_fraction for v in rated if v is not slowest)
         median = others[len(others) // 2]
-        if median >= 0.5 and slowest.wait_fraction <= median / 2:
+        # a rank that stopped progressing is not slow but (about to be) stuck: wait for it
+        # to cross the waiting threshold instead of calling it a straggler
+        if (median >= 0.5 and slowest.wait_fraction <= median / 2
+                and slowest.progress_age < min(threshold / 2, 0.25)):
             return Verdict("slow", [slowest.rank], [v.rank for v in rated if v is not slowest],
                            f"rank {slowest.rank} is a straggler: it waits "
                            f"{slowest.wait_fraction:.0%} of the time in collectives while its "

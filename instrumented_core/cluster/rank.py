@@ -96,6 +96,8 @@ class RankEngine:
     def _model_step(self) -> None:
         """Stand-in for a forward pass: model time, then the lockstep collective."""
         if self.fault == "dead":
+            self.outbox.close()  # deliver what was already sent (the fault's own reply)
+            self.outbox.join_thread()
             os._exit(17)
         delay = self.config.step_seconds + (
             self.config.slow_step_seconds if self.fault == "slow" else 0.0)
