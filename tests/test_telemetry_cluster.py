@@ -234,3 +234,27 @@ def test_standard_otel_variables_pick_the_exporter():
                                      "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
     assert grpc.otlp_endpoint == "http://127.0.0.1:4317" and grpc.otlp_protocol == "grpc"
     assert TelemetryConfig.from_env({}).span_exporter == "file"
+
+
+def test_adaptive_cadence_shows_its_extra_rounds_and_reaches_consensus_sooner(tmp_path):
+    """A staggered pause: after the first split vote the ranks sync every step."""
+    results = {}
+    for cadence in ("fixed", "adaptive"):
+        cfg = ClusterConfig(ranks=2, sync_interval=64, cadence=cadence, hang_timeout=20,
+                            telemetry=telemetry(tmp_path / cadence))
+        with Cluster(cfg) as cluster:
+            for r in range(2):
+                cluster.generate(100_000, rank=r)
+            time.sleep(0.3)
+            cluster.pause("abort", ranks=[0, 1], stagger=0.4)  # > one interval of steps
+            samples = scrape_all(cluster.metrics_urls)
+            cluster.resume()
+        results[cadence] = samples
+    for sample in results["fixed"]:
+        assert sample.get(n.SYNC_ROUNDS_EXTRA + "_total") == 0
+    for sample in results["adaptive"]:
+        assert sample.get(n.SYNC_ROUNDS_EXTRA + "_total") >= 1
+        assert sample.get(n.SYNC_INTERVAL) == 64  # back to the normal cadence after consensus
+    # rank 1 asked last; the split vote before its request switched both ranks to syncing every
+    # step, so its pause reaches consensus on the next step or the one after
+    assert results["adaptive"][1].get(n.PAUSE_CONSENSUS_STEPS + "_sum") <= 2

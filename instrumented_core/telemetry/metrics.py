@@ -82,6 +82,9 @@ class RankMetrics:
         self.steps = {k: steps.labels(**labels, kind=k) for k in n.STEP_KINDS}
         self.sync_rounds = counter(n.SYNC_ROUNDS, "sync_dp_state all-reduce rounds (count) "
                                    "completed by this rank.").labels(**labels)
+        self.sync_rounds_extra = counter(
+            n.SYNC_ROUNDS_EXTRA, "sync_dp_state rounds (count) run only because the adaptive "
+            "cadence was syncing every step (the extra all-reduces it pays).").labels(**labels)
         pause_requests = counter(n.PAUSE_REQUESTS, "Pause requests (count) received, by mode.",
                                  (n.LABEL_MODE,))
         self.pause_requests = {m: pause_requests.labels(**labels, mode=m) for m in n.PAUSE_MODES}

@@ -40,6 +40,7 @@ PAUSE_PENDING_SINCE = "vllm_dp_pause_pending_since_timestamp_seconds"
 # Counters (exposed with a `_total` suffix)
 STEPS = "vllm_dp_steps"
 SYNC_ROUNDS = "vllm_dp_sync_rounds"
+SYNC_ROUNDS_EXTRA = "vllm_dp_sync_rounds_adaptive_extra"  # rounds only the adaptive cadence ran
 PAUSE_REQUESTS = "vllm_dp_pause_requests"
 PAUSE_CONSENSUS = "vllm_dp_pause_consensus"
 RESUMES = "vllm_dp_resumes"
@@ -75,6 +76,7 @@ SUFFIXED_COUNTERS = tuple(
     for n in (
         STEPS,
         SYNC_ROUNDS,
+        SYNC_ROUNDS_EXTRA,
         PAUSE_REQUESTS,
         PAUSE_CONSENSUS,
         RESUMES,

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from instrumented_core.protocol import Phase, SyncResult, steps_until_sync
+from instrumented_core.protocol import Phase, SyncResult, is_sync_step, steps_until_sync
 from instrumented_core.telemetry import names as n
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,10 @@ class TelemetryProbe(Probe):
     def sync_begin(self, local_unfinished: bool, local_pause: bool) -> None:
         if self.metrics is not None:
             self.metrics.inside_since[n.COLLECTIVE_SYNC].set(time.time())
+            state = self._state
+            if getattr(state, "fast_sync", False) and not is_sync_step(
+                    state.step_counter, state.sync_interval):
+                self.metrics.sync_rounds_extra.inc()
         self._sync_local = (local_unfinished, local_pause)
 
     @_guarded
