@@ -136,8 +136,13 @@ def prometheus_samples(base_url: str, timeout: float = 2.0,
             labels.pop(drop, None)
         sample = by_engine.setdefault(engine, RankSample(f"engine {engine}", True, fetched_at=now))
         sample.values[(name, frozenset(labels.items()))] = float(item["value"][1])
+    # a dead rank has no fresh series; name it from the engine its target last exported
+    engine_of_instance = {
+        item["metric"].get("instance"): item["metric"].get(n.LABEL_ENGINE)
+        for item in query(f"last_over_time({n.DP_SIZE}{sel}[1h])")}
     for item in query(f"up{sel} == 0"):
-        engine = item["metric"].get(n.LABEL_ENGINE) or item["metric"].get("rank")
+        engine = item["metric"].get(n.LABEL_ENGINE) or engine_of_instance.get(
+            item["metric"].get("instance"))
         if engine is not None:
             by_engine[engine] = RankSample(f"engine {engine}", False, "target down", now)
     return [by_engine[k] for k in sorted(by_engine, key=int)]
