@@ -214,6 +214,7 @@ def run_demo(options: DemoOptions, out=print) -> int:
             traffic.stop()
         if recorder is not None:
             recorder.sample_now()
+            recorder.save_expositions()
             recorder.stop()
         if live is not None:
             live.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from instrumented_core.scrape import PHASE_NAMES, RankSample, scrape_all
@@ -86,6 +87,17 @@ class Recorder:
         while not self._stop.is_set():
             self.sample_now()
             self._stop.wait(self.interval)
+
+    def save_expositions(self) -> None:
+        """Final ``/metrics`` text of every rank, for the report's histograms."""
+        directory = self.out_dir / "metrics"
+        directory.mkdir(exist_ok=True)
+        for rank, url in enumerate(self.urls):
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as response:
+                    (directory / f"rank-{rank}.prom").write_bytes(response.read())
+            except OSError:
+                pass  # unreachable rank: the timeline already says so
 
     def event(self, text: str, **fields) -> None:
         item = {"t": time.time(), "event": text, **fields}
