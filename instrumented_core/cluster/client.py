@@ -97,13 +97,15 @@ class Cluster:
         self._inboxes = [ctx.Queue() for _ in range(cfg.ranks)]
         self._outbox = ctx.Queue()
         self._coord_inbox = ctx.Queue()
+        self._stop_event = ctx.Event()
         master_port = free_port()
         self._coordinator = ctx.Process(target=coordinator_main, name="dp-coordinator",
                                         args=(self._coord_inbox, self._inboxes, self._outbox),
                                         daemon=True)
         self._ranks = [ctx.Process(target=rank_main, name=f"dp-rank-{r}", daemon=True,
                                    args=(r, cfg, master_port, self._inboxes[r], self._outbox,
-                                         self._coord_inbox, self._board_array))
+                                         self._coord_inbox, self._board_array,
+                                         self._stop_event))
                        for r in range(cfg.ranks)]
         self._procs = [self._coordinator, *self._ranks]
         self._ready = [threading.Event() for _ in range(cfg.ranks)]
@@ -149,6 +151,7 @@ class Cluster:
         if not self._started:
             return
         self._started = False
+        self._stop_event.set()
         for inbox in self._inboxes:
             _put_quietly(inbox, (msg.SHUTDOWN,))
         _put_quietly(self._coord_inbox, (msg.SHUTDOWN,))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -291,8 +292,16 @@ class RankEngine:
 _ASYNC = object()
 
 
+def _close_on_stop(stop_event, telemetry, engine_done: threading.Event) -> None:
+    """When the client stops the cluster, a rank blocked in a collective cannot run its own
+    ``finally``: close telemetry from here so open pause spans are still exported."""
+    stop_event.wait()
+    if not engine_done.wait(1.0):
+        telemetry.close()
+
+
 def rank_main(rank: int, config: ClusterConfig, master_port: int, inbox, outbox, coordinator,
-              board_array) -> None:
+              board_array, stop_event) -> None:
     """Process entry point: telemetry first (a bad port fails fast), then Gloo, then the loop."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     board = StatusBoard(board_array, config.ranks)
@@ -322,6 +331,9 @@ def rank_main(rank: int, config: ClusterConfig, master_port: int, inbox, outbox,
     engine = RankEngine(rank, config, inbox, outbox, coordinator, board, model_group, dp_group,
                         telemetry.probe)
     board.leave(rank)
+    engine_done = threading.Event()
+    threading.Thread(target=_close_on_stop, args=(stop_event, telemetry, engine_done),
+                     name="close-on-stop", daemon=True).start()
     outbox.put((msg.READY, rank, telemetry.metrics_url, os.getpid()))
     try:
         engine.run()
@@ -330,4 +342,5 @@ def rank_main(rank: int, config: ClusterConfig, master_port: int, inbox, outbox,
     except Exception as e:  # noqa: BLE001
         engine.fail(RuntimeError(f"rank {rank} crashed: {e!r}\n{traceback.format_exc()}"))
     finally:
+        engine_done.set()
         telemetry.close()

@@ -35,9 +35,11 @@ class RankTelemetry:
         return self.server.url if self.server else None
 
     def close(self) -> None:
+        """Idempotent: the engine thread and the cluster's stop watcher may both call it."""
         self.probe.shutdown()
-        if self.server is not None:
-            self.server.close()
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
 
 
 def start_rank_telemetry(

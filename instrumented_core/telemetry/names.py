@@ -142,4 +142,5 @@ ATTR_SYNC_SECONDS = "vllm.dp.sync.wait_seconds"
 ATTR_EXCLUDE = "vllm.dp.start_dp_wave.exclude"
 ATTR_OUTCOME = "vllm.dp.start_dp_wave.outcome"
 ATTR_PROTOCOL = "vllm.dp.protocol"
+ATTR_ENDED_BY = "vllm.dp.pause.ended_by"  # "shutdown" when the process stopped mid-pause
 ATTR_MODEL_NAME = "vllm.dp.model_name"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from typing import Any
 
@@ -108,6 +109,8 @@ class TelemetryProbe(Probe):
         self._pause_span = None
         self._phase_span = None
         self._mode = ""
+        self._shutdown_lock = threading.Lock()
+        self._shut_down = False
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -289,6 +292,15 @@ class TelemetryProbe(Probe):
 
     @_guarded
     def shutdown(self) -> None:
+        """End open spans (a pause still in flight is exported, marked) and flush. Idempotent;
+        may run on another thread while the engine thread is blocked in a collective."""
+        with self._shutdown_lock:
+            if self._shut_down:
+                return
+            self._shut_down = True
+        for span in (self._phase_span, self._pause_span):
+            if span is not None:
+                span.set_attribute(n.ATTR_ENDED_BY, "shutdown")
         self._end_pause_span()
         if self._provider is not None:
             self._provider.shutdown()
