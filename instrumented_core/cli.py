@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="output directory")
     demo.add_argument("--metrics-port-base", type=_port, default=None,
                       help="rank r serves /metrics on base+r (default 8100; 0 = free ports)")
+    demo.add_argument("--hold", type=float, default=0.0, metavar="SECONDS",
+                      help="keep the cluster and its fault up this long after the verdict, "
+                           "e.g. for Prometheus alerts to fire (default 0)")
     demo.add_argument("--no-live", action="store_true",
                       help="plain log lines (automatic when stdout is not a terminal)")
 
@@ -115,7 +118,7 @@ def _demo(args) -> int:
                           sync_interval=args.sync_interval, duration=args.duration,
                           seed=args.seed, out=args.out,
                           live=not args.no_live and stdout_is_terminal(),
-                          metrics_port_base=base)
+                          metrics_port_base=base, hold=max(0.0, args.hold))
     return run_demo(options, out=lambda line: print(line, flush=True))
 
 

@@ -41,6 +41,7 @@ class DemoOptions:
     live: bool = True
     metrics_port_base: int | None = None
     debug_endpoint: bool = True
+    hold: float = 0.0  # keep the cluster (and the fault) up this long after the verdict
 
 
 class Story:
@@ -148,7 +149,9 @@ def run_demo(options: DemoOptions, out=print) -> int:
                                          debug_endpoint=options.debug_endpoint or None)
     config = ClusterConfig(ranks=options.ranks, protocol=options.protocol,
                            cadence=options.cadence, sync_interval=options.sync_interval,
-                           hang_timeout=6.0, collective_timeout=120.0, telemetry=telemetry)
+                           hang_timeout=6.0, telemetry=telemetry,
+                           # peers of a stalled rank must keep waiting through --hold
+                           collective_timeout=120.0 + options.duration + options.hold)
     cluster = Cluster(config)  # validates settings and ports: errors before anything starts
     expected_kind, expected_culprits = _expected(options, fault_rank)
     recorder = live = traffic = None
@@ -209,6 +212,9 @@ def run_demo(options: DemoOptions, out=print) -> int:
             verdict = _diagnose(cluster, story, deadline=max(15.0, options.duration * 0.5),
                                 want_fault=options.fault != "none")
         story.step("verdict", f"verdict: {verdict.kind}: {verdict.summary}")
+        if options.hold > 0:
+            story.note(f"holding the cluster for {options.hold:.0f} s (Ctrl-C to stop)")
+            time.sleep(options.hold)
     finally:
         if traffic is not None:
             traffic.stop()
