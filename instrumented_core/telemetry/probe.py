@@ -17,6 +17,7 @@ from typing import Any
 
 from instrumented_core.protocol import Phase, SyncResult, is_sync_step, steps_until_sync
 from instrumented_core.telemetry import names as n
+from instrumented_core.telemetry.metrics import HotPathState
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class TelemetryProbe(Probe):
         self.rank = rank
         self.dp_size = dp_size
         self.metrics = metrics
+        self.hot = metrics.hot if metrics is not None else HotPathState()
         self.group_key = group_key
         self.protocol = protocol
         self.model_name = model_name
@@ -203,8 +205,8 @@ class TelemetryProbe(Probe):
 
     @_guarded
     def sync_begin(self, local_unfinished: bool, local_pause: bool) -> None:
+        self.hot.inside_since[n.COLLECTIVE_SYNC] = time.time()
         if self.metrics is not None:
-            self.metrics.inside_since[n.COLLECTIVE_SYNC].set(time.time())
             state = self._state
             if getattr(state, "fast_sync", False) and not is_sync_step(
                     state.step_counter, state.sync_interval):
@@ -213,13 +215,14 @@ class TelemetryProbe(Probe):
 
     @_guarded
     def sync_end(self, result: SyncResult, seconds: float) -> None:
+        hot = self.hot
+        hot.inside_since[n.COLLECTIVE_SYNC] = 0.0
+        hot.wait_seconds[n.COLLECTIVE_SYNC] += seconds
+        hot.last_progress = time.time()
         m = self.metrics
         if m is not None:
-            m.inside_since[n.COLLECTIVE_SYNC].set(0)
             m.sync_rounds.inc()
             m.sync_wait.observe(seconds)
-            m.collective_wait[n.COLLECTIVE_SYNC].inc(seconds)
-            m.last_progress.set(time.time())
         if self._phase_span is not None and self._state is not None and (
                 getattr(self._state, "pending_pause", False) or result.consensus):
             local_unfinished, local_pause = getattr(self, "_sync_local", (False, False))
@@ -247,41 +250,39 @@ class TelemetryProbe(Probe):
 
     @_guarded
     def resumed(self) -> None:
+        self.hot.last_progress = time.time()
         if self.metrics is not None:
             self.metrics.resumes.inc()
-            self.metrics.last_progress.set(time.time())
         if self._pause_span is not None:
             self._pause_span.add_event(n.EVENT_RESUME, {n.ATTR_WAVE: self._wave()})
 
-    @_guarded
+    # The three per-step calls touch only plain attributes (see metrics.HotPathState): they
+    # cannot raise, so they skip the guard too.
+
     def step_end(self, dummy: bool) -> None:
+        hot = self.hot
+        if dummy:
+            hot.steps_dummy += 1
+        else:
+            hot.steps_real += 1
+        hot.last_progress = time.time()
         self.steps_total += 1
-        m = self.metrics
-        if m is not None:
-            m.steps["dummy" if dummy else "real"].inc()
-            m.last_progress.set(time.time())
 
-    @_guarded
     def collective_begin(self, collective: str) -> None:
-        if self.metrics is not None:
-            self.metrics.inside_since[collective].set(time.time())
+        self.hot.inside_since[collective] = time.time()
 
-    @_guarded
     def collective_end(self, collective: str, seconds: float) -> None:
-        m = self.metrics
-        if m is not None:
-            m.inside_since[collective].set(0)
-            m.collective_wait[collective].inc(seconds)
+        hot = self.hot
+        hot.inside_since[collective] = 0.0
+        hot.wait_seconds[collective] = hot.wait_seconds.get(collective, 0.0) + seconds
 
     @_guarded
     def request_finished(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.requests_finished[outcome].inc()
 
-    @_guarded
     def progress(self) -> None:
-        if self.metrics is not None:
-            self.metrics.last_progress.set(time.time())
+        self.hot.last_progress = time.time()
 
     def dropped(self, count: int, signal: str = "spans") -> None:
         try:

@@ -143,6 +143,11 @@ def make_exporter(config: TelemetryConfig) -> SpanExporter | None:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
+    # The OTLP exporters log every failed batch; we log the first failure once ourselves and
+    # count the drops, so a down collector does not flood the engine's log.
+    for name in ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                 "opentelemetry.exporter.otlp.proto.grpc.exporter"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     if config.otlp_protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

@@ -1,0 +1,61 @@
+"""``python -m benchmarks [--quick] [--only SECTION ...] [--no-alert]``: JSON lines on stdout.
+
+Sections: overhead, detection, pause, scale, exporter. Progress goes to stderr. Every child
+process (cluster ranks, Gloo workers, Prometheus) is ended before the command returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+SECTIONS = ("overhead", "detection", "pause", "scale", "exporter")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="a run under 60 s: fewer repetitions, DP 2 cluster overhead only, "
+                             "pause latency by simulation only, no Prometheus alert wait")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--no-alert", action="store_true",
+                        help="skip waiting for the Prometheus alert (about 30 s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+
+    from benchmarks import detection, exporter, overhead, pause_latency, scale
+    from benchmarks.common import cleanup, emit, log
+
+    sections = args.only or list(SECTIONS)
+    started = time.monotonic()
+    step_seconds = None
+    failed = []
+    for section in sections:
+        t0 = time.monotonic()
+        try:
+            if section == "overhead":
+                out = overhead.run(args.quick)
+                step_seconds = 1 / out["rates"][2]["on"]
+            elif section == "detection":
+                detection.run(args.quick, with_alert=not (args.quick or args.no_alert))
+            elif section == "pause":
+                pause_latency.run(args.quick, step_seconds)
+            elif section == "scale":
+                scale.run(args.quick)
+            elif section == "exporter":
+                exporter.run(args.quick)
+        except Exception as e:  # noqa: BLE001 - one failed section must not hide the others
+            failed.append(section)
+            log(f"{section} failed: {e!r}")
+            emit(f"{section}.error", "", value=None, error=repr(e)[:300])
+        log(f"{section}: {time.monotonic() - t0:.1f} s")
+    cleanup()
+    emit("benchmarks.wall_seconds", "s", value=time.monotonic() - started, quick=args.quick,
+         sections=sections, failed_sections=failed)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
