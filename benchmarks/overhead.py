@@ -249,7 +249,7 @@ def run(quick: bool) -> dict:
 
     rates = {}
     try:
-        for ranks in ((2,) if quick else (2, 4)):
+        for ranks in ((2,) if quick else (2, 4, 8)):
             log(f"overhead: cluster steps/s at DP {ranks}, telemetry on vs off (alternating)")
             rates[ranks] = cluster_rates(ranks, quick,
                                          quiet_measurements if ranks == 2 else None)
