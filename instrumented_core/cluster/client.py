@@ -73,6 +73,8 @@ class Cluster:
         self._requests: dict[str, RequestHandle] = {}
         self._outstanding = [0] * self.config.ranks
         self._call_ids = itertools.count(1)
+        self._wave_ids = itertools.count(1)
+        self.injected_waves: dict[int, dict[int, str]] = {}  # inject id -> rank -> outcome
         self._req_ids = itertools.count(1)
         self._procs: list = []
         self._started = False
@@ -218,6 +220,10 @@ class Cluster:
                         fut.set_result(value)
                     else:
                         fut.set_exception(ClusterError(f"rank {rank}: {value}"))
+            elif kind == msg.WAVE_HANDLED:
+                _, rank, inject_id, outcome = message
+                with self._lock:
+                    self.injected_waves.setdefault(inject_id, {})[rank] = outcome
             elif kind == msg.RANK_ERROR:
                 self.rank_errors.append(message[2])
             elif kind == msg.WAVE_STATE:
@@ -312,9 +318,28 @@ class Cluster:
     def inject_fault(self, rank: int, kind: str) -> None:
         self.wait([self.call(rank, "inject_fault", kind)], f"inject_fault({kind})")
 
-    def inject_start_dp_wave(self, wave: int | None = None, exclude=None) -> None:
-        """Make the coordinator broadcast START_DP_WAVE now (tests and fault drills)."""
-        self._coord_inbox.put((msg.INJECT_START_DP_WAVE, wave, exclude))
+    def inject_start_dp_wave(self, wave: int | None = None, exclude=None) -> int:
+        """Make the coordinator broadcast START_DP_WAVE now (tests and fault drills).
+
+        Returns an id; every rank reports how it handled that message (``injected_waves``)."""
+        inject_id = next(self._wave_ids)
+        with self._lock:
+            self.injected_waves[inject_id] = {}
+        self._coord_inbox.put((msg.INJECT_START_DP_WAVE, wave, exclude, inject_id))
+        return inject_id
+
+    def wait_injected_waves(self, timeout: float | None = None) -> dict[int, dict[int, str]]:
+        """Wait until every rank has handled every injected START_DP_WAVE; their outcomes."""
+        deadline = time.monotonic() + (timeout or self.config.hang_timeout)
+        while True:
+            with self._lock:
+                done = all(len(v) == self.config.ranks for v in self.injected_waves.values())
+                snapshot = {k: dict(v) for k, v in self.injected_waves.items()}
+            if done:
+                return snapshot
+            if time.monotonic() > deadline:
+                raise CollectiveHang("injected START_DP_WAVE", self.diagnose())
+            time.sleep(0.005)
 
     # -- diagnosis ------------------------------------------------------------------------
 

@@ -18,9 +18,9 @@ def coordinator_main(inbox, rank_inboxes, client_outbox) -> None:
     current_wave = 0
     engines_running = False
 
-    def broadcast(wave: int, exclude) -> None:
+    def broadcast(wave: int, exclude, inject_id: int | None = None) -> None:
         for rank_inbox in rank_inboxes:
-            rank_inbox.put((msg.START_DP_WAVE, wave, exclude))
+            rank_inbox.put((msg.START_DP_WAVE, wave, exclude, inject_id))
 
     def publish() -> None:
         client_outbox.put((msg.WAVE_STATE, current_wave, engines_running))
@@ -40,8 +40,8 @@ def coordinator_main(inbox, rank_inboxes, client_outbox) -> None:
                     exclude = None
                 broadcast(current_wave, exclude)
         elif kind == msg.INJECT_START_DP_WAVE:
-            _, wave, exclude = message
-            broadcast(current_wave if wave is None else wave, exclude)
+            _, wave, exclude, inject_id = message
+            broadcast(current_wave if wave is None else wave, exclude, inject_id)
         elif kind == msg.WAVE_COMPLETE:
             (_, wave) = message
             if current_wave <= wave:

@@ -131,8 +131,10 @@ class RankEngine:
             self.scheduler.add(Request(req_id, num_tokens))
             self._on_add_request(request_wave)
         elif kind == msg.START_DP_WAVE:
-            _, wave, exclude = message
-            self.sm.handle_start_dp_wave(wave, exclude)
+            _, wave, exclude, inject_id = message
+            outcome = self.sm.handle_start_dp_wave(wave, exclude)
+            if inject_id is not None:
+                self.outbox.put((msg.WAVE_HANDLED, self.rank, inject_id, outcome))
         elif kind == msg.UTILITY:
             _, call_id, method, args = message
             self._utility(call_id, method, args)

@@ -45,6 +45,7 @@ class ScheduleResult:
     ranks: int
     handles: list[RequestHandle] = field(default_factory=list)
     ops: list[str] = field(default_factory=list)
+    paused_waves: list[int] = field(default_factory=list)
 
 
 def run_random_schedule(cluster: Cluster, seed: int, episodes: int = 3) -> ScheduleResult:
@@ -62,14 +63,16 @@ def run_random_schedule(cluster: Cluster, seed: int, episodes: int = 3) -> Sched
             result.handles.append(cluster.generate(rng.randint(1, 40), rank=rank))
         result.ops.append(f"traffic({k})")
 
-    def wave() -> None:
+    def wave(paused: bool = False) -> None:
         stale = rng.random() < 0.3
         wave_no = max(0, cluster.current_wave - 1) if stale else None
         # as vLLM's coordinator sends it: no exclusion, or a client's engine identity bytes
         # (an integer exclusion only ever names the rank that started the wave itself)
         exclude = rng.choice([None, bytes([rng.randrange(n), 0])])
-        cluster.inject_start_dp_wave(wave_no, exclude)
+        inject_id = cluster.inject_start_dp_wave(wave_no, exclude)
         result.ops.append(f"start_dp_wave(stale={stale})")
+        if paused:
+            result.paused_waves.append(inject_id)
 
     for _ in range(episodes):
         traffic(rng.randint(0, 6))
@@ -95,13 +98,22 @@ def run_random_schedule(cluster: Cluster, seed: int, episodes: int = 3) -> Sched
             elif op == "request":
                 traffic(rng.randint(1, 2))
             elif op == "wave":
-                wave()
+                wave(paused=True)
             else:
                 result.handles.append(staggered_barrier_with_request(
                     cluster, rng.randrange(1, n) if n > 1 else 0, rng.uniform(0, 0.05),
                     rng.uniform(0, 0.05), rng.randint(1, 10)))
         if rng.random() < 0.3:
-            wave()
+            wave(paused=True)
+        # START_DP_WAVE may arrive at any moment of the pause, but not after the resume: the
+        # coordinator only broadcasts with work behind it, and a wake-up that reaches a
+        # non-zero rank after resume with no work is never propagated, in vLLM as here
+        outcomes = cluster.wait_injected_waves()
+        for inject_id in result.paused_waves:
+            if set(outcomes[inject_id].values()) != {"ignored"}:
+                raise AssertionError(f"START_DP_WAVE while paused was not ignored by every rank: "
+                                     f"{outcomes[inject_id]}")
+        result.paused_waves.clear()
         cluster.resume()
         result.ops.append("resume")
     return result
