@@ -99,7 +99,9 @@ class Cluster:
         self._inboxes = [ctx.Queue() for _ in range(cfg.ranks)]
         self._outbox = ctx.Queue()
         self._coord_inbox = ctx.Queue()
-        self._stop_event = ctx.Event()
+        # a plain shared flag, polled by the ranks: an mp.Event's set() waits for every
+        # sleeping waiter to wake, and blocks forever once a waiting rank has died
+        self._stop_flag = ctx.RawValue("b", 0)
         master_port = free_port()
         self._coordinator = ctx.Process(target=coordinator_main, name="dp-coordinator",
                                         args=(self._coord_inbox, self._inboxes, self._outbox),
@@ -107,7 +109,7 @@ class Cluster:
         self._ranks = [ctx.Process(target=rank_main, name=f"dp-rank-{r}", daemon=True,
                                    args=(r, cfg, master_port, self._inboxes[r], self._outbox,
                                          self._coord_inbox, self._board_array,
-                                         self._stop_event))
+                                         self._stop_flag))
                        for r in range(cfg.ranks)]
         self._procs = [self._coordinator, *self._ranks]
         self._ready = [threading.Event() for _ in range(cfg.ranks)]
@@ -153,7 +155,7 @@ class Cluster:
         if not self._started:
             return
         self._started = False
-        self._stop_event.set()
+        self._stop_flag.value = 1
         for inbox in self._inboxes:
             _put_quietly(inbox, (msg.SHUTDOWN,))
         _put_quietly(self._coord_inbox, (msg.SHUTDOWN,))
@@ -183,6 +185,12 @@ class Cluster:
         for q in (*self._inboxes, self._outbox, self._coord_inbox):
             q.cancel_join_thread()
             q.close()
+        # drop the queues now so their semaphores are released before interpreter exit
+        self._inboxes, self._outbox, self._coord_inbox = [], None, None
+
+    def _check_running(self) -> None:
+        if not self._started:
+            raise ClusterError("the cluster is not running: start() it (or use `with Cluster(...)`)")
 
     def alive(self) -> list[bool]:
         return [p.is_alive() for p in self._ranks]
@@ -235,6 +243,7 @@ class Cluster:
         """Submit a request needing ``num_tokens`` steps, to ``rank`` or the least loaded."""
         if num_tokens < 1:
             raise ValueError("num_tokens must be >= 1")
+        self._check_running()
         with self._lock:
             if rank is None:
                 rank = min(range(self.config.ranks), key=lambda r: self._outstanding[r])
@@ -256,6 +265,7 @@ class Cluster:
 
     def call(self, rank: int, method: str, *args) -> Future:
         """Send one utility call to one rank (the staggered barrier needs this)."""
+        self._check_running()
         fut: Future = Future()
         with self._lock:
             call_id = next(self._call_ids)

@@ -294,16 +294,18 @@ class RankEngine:
 _ASYNC = object()
 
 
-def _close_on_stop(stop_event, telemetry, engine_done: threading.Event) -> None:
+def _close_on_stop(stop_flag, telemetry, engine_done: threading.Event) -> None:
     """When the client stops the cluster, a rank blocked in a collective cannot run its own
     ``finally``: close telemetry from here so open pause spans are still exported."""
-    stop_event.wait()
+    while not stop_flag.value:
+        if engine_done.wait(0.1):
+            return
     if not engine_done.wait(1.0):
         telemetry.close()
 
 
 def rank_main(rank: int, config: ClusterConfig, master_port: int, inbox, outbox, coordinator,
-              board_array, stop_event) -> None:
+              board_array, stop_flag) -> None:
     """Process entry point: telemetry first (a bad port fails fast), then Gloo, then the loop."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     board = StatusBoard(board_array, config.ranks)
@@ -334,7 +336,7 @@ def rank_main(rank: int, config: ClusterConfig, master_port: int, inbox, outbox,
                         telemetry.probe)
     board.leave(rank)
     engine_done = threading.Event()
-    threading.Thread(target=_close_on_stop, args=(stop_event, telemetry, engine_done),
+    threading.Thread(target=_close_on_stop, args=(stop_flag, telemetry, engine_done),
                      name="close-on-stop", daemon=True).start()
     outbox.put((msg.READY, rank, telemetry.metrics_url, os.getpid()))
     try:
