@@ -36,32 +36,32 @@ class ProtocolError(ValueError):
     """A bad protocol setting or a call the protocol forbids in the current state."""
 
 
-class Protocol(str, enum.Enum):
+class _Choice(str, enum.Enum):
+    """A setting with a fixed set of spellings; ``parse`` turns a typo into a one-line error."""
+
+    @classmethod
+    def parse(cls, value):
+        try:
+            return cls(value)
+        except ValueError:
+            raise ProtocolError(f"unknown {cls._what} {value!r}: use one of "
+                                f"{', '.join(c.value for c in cls)}") from None
+
+
+class Protocol(_Choice):
     TWO_PHASE = "two-phase"
     LEGACY = "legacy"
 
-    @classmethod
-    def parse(cls, value: str | "Protocol") -> "Protocol":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ProtocolError(
-                f"unknown protocol {value!r}: use one of {', '.join(p.value for p in cls)}"
-            ) from None
+
+Protocol._what = "protocol"
 
 
-class Cadence(str, enum.Enum):
+class Cadence(_Choice):
     FIXED = "fixed"
     ADAPTIVE = "adaptive"
 
-    @classmethod
-    def parse(cls, value: str | "Cadence") -> "Cadence":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ProtocolError(
-                f"unknown sync cadence {value!r}: use one of {', '.join(c.value for c in cls)}"
-            ) from None
+
+Cadence._what = "sync cadence"
 
 
 class Phase(str, enum.Enum):
