@@ -1,4 +1,4 @@
-"""Render benchmark JSON lines as the markdown table of RESULTS.md.
+"""Render benchmark JSON lines as the markdown table in the README.
 
     python -m benchmarks > results.jsonl && python -m benchmarks.table results.jsonl
 """
