@@ -24,7 +24,6 @@ def run_cli(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, verdict, culprits", [
-    (["--fault", "stall", "--fault-rank", "2"], "stuck", [2]),
     (["--fault", "slow", "--fault-rank", "1"], "slow", [1]),
     (["--fault", "dead", "--fault-rank", "3"], "stuck", [3]),
     (["--fault", "none"], "healthy", []),
