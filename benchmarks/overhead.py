@@ -17,7 +17,6 @@ import os
 import queue
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from benchmarks.common import (emit, interleaved, log, median, per_call_seconds, percentile,
                                start_clusters, stop_clusters, tempdir)

@@ -106,7 +106,6 @@ def doctor_time(quick: bool) -> None:
             runs = [once() for _ in range(reps)]
             seconds = median([t for t, _ in runs])
             verdict = runs[-1][1]
-            extra = {}
             emit(f"scale.dp{ranks}.diagnose_one_pass_seconds", "s", value=seconds, ranks=ranks,
                  verdict=verdict.kind, culprits=verdict.culprits, reps=reps,
                  note="one scrape_all over loopback HTTP (one MetricsServer per rank, all in "

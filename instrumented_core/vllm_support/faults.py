@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 
 ENV_STALL_RANK = "IC_TEST_STALL_SYNC_RANK"
 ENV_STALL_SECONDS = "IC_TEST_STALL_SYNC_SECONDS"
+#: pauses (consensus reached on this rank) to let through before the stall arms (default 0)
+ENV_STALL_SKIP_PAUSES = "IC_TEST_STALL_SYNC_SKIP_PAUSES"
 _MARK = "_instrumented_core_stall"
 
 
-def install_sync_stall(rank: int, seconds: float) -> bool:
+def install_sync_stall(rank: int, seconds: float, skip_pauses: int = 0) -> bool:
     """Wrap ``ParallelConfig.sync_dp_state`` (0.32 static or 0.33 method). False if present."""
     import inspect
 
@@ -42,17 +44,26 @@ def install_sync_stall(rank: int, seconds: float) -> bool:
         return False
     offset = 0 if static else 1
     fired = threading.Event()
+    pauses_done = [0]  # consensus rounds seen on this rank (only the engine thread calls us)
 
     def sync_dp_state(*args: Any, **kwargs: Any) -> Any:
         pos = args[offset:]
         pending = pos[2] if len(pos) > 2 else kwargs.get("pending_pause", False)
         group = pos[0] if pos else kwargs.get("dp_group")
-        if pending and not fired.is_set() and group is not None and group.rank() == rank:
+        mine = pending and group is not None and group.rank() == rank
+        if mine and not fired.is_set() and pauses_done[0] >= skip_pauses:
             fired.set()
             log.warning("TEST-ONLY: DP rank %d stalls %.1f s before sync_dp_state", rank,
                         seconds)
             time.sleep(seconds)
-        return orig(*args, **kwargs)
+        result = orig(*args, **kwargs)
+        if mine:
+            try:
+                if result[1]:  # (has_unfinished, pause_consensus): this pause is complete
+                    pauses_done[0] += 1
+            except (TypeError, IndexError):
+                pass
+        return result
 
     sync_dp_state.__dict__[_MARK] = True
     ParallelConfig.sync_dp_state = staticmethod(sync_dp_state) if static else sync_dp_state
@@ -66,7 +77,8 @@ def register() -> None:
     try:
         rank = int(raw)
         seconds = float(os.environ.get(ENV_STALL_SECONDS, "20"))
-        if install_sync_stall(rank, seconds):
+        skip = int(os.environ.get(ENV_STALL_SKIP_PAUSES, "0") or 0)
+        if install_sync_stall(rank, seconds, skip):
             log.warning("TEST-ONLY sync stall installed in pid %d (rank %d, %.1f s)",
                         os.getpid(), rank, seconds)
     except Exception:  # noqa: BLE001 - never break vLLM

@@ -1,0 +1,268 @@
+"""A real vLLM data-parallel engine on CPU, driven from this process: the harness the demo
+(``instrumented-core demo --engine vllm``) and the real-vLLM tests share.
+
+``VllmEngine`` runs ``AsyncLLM`` with ``data_parallel_size=2`` on the tiny local Mixtral model
+(:mod:`.tiny_model`) in this process (the vLLM front end) on a private event loop; its DP
+coordinator, two engine cores and two workers are spawned children. The environment it needs
+(``VLLM_CPU_KVCACHE_SPACE``, the CPU DP plugin switch, the metrics port base, test-only fault
+switches) is applied before the start and restored by ``close()``, which shuts the engine down
+and then kills every descendant it ever saw, so a broken engine (a hang) never outlives it.
+Every call goes through :func:`bounded` (``VllmEngine.run``). Needs vLLM (the ``vllm-cpu``
+extra) and psutil; nothing imports vLLM before ``start()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import socket
+import tempfile
+import time
+import uuid
+from contextlib import closing
+from typing import Any, Awaitable, Callable
+
+from instrumented_core.scrape import RankSample, scrape
+from instrumented_core.telemetry import names as n
+from instrumented_core.vllm_support.smoke import (
+    TreeMonitor,
+    barrier_all,
+    barrier_engine,
+    bounded,
+    generate,
+    wait_routed,
+)
+from instrumented_core.vllm_support.tiny_model import async_engine_args, vllm_cpu_env, write_tiny_mixtral
+
+__all__ = [
+    "COUNTERS",
+    "PROMPTS",
+    "VllmEngine",
+    "barrier_all",
+    "barrier_engine",
+    "bounded",
+    "counters",
+    "delta",
+    "free_port_base",
+    "generate",
+    "new_request_id",
+    "staggered_barrier_scenario",
+    "wait_for",
+    "wait_routed",
+]
+
+PROMPTS = [[1, 17, 33, 49, 65], [1, 100, 200, 300], [1, 5, 9], [1, 250, 251, 252, 253, 254]]
+START_TIMEOUT = 150.0
+
+
+def free_port_base(count: int = 2, start: int = 23000, stop: int = 60000) -> int:
+    """A base port such that base .. base+count-1 are free on loopback now."""
+    import random
+
+    rng = random.Random(os.getpid() ^ int(time.time()))
+    for _ in range(200):
+        base = rng.randrange(start, stop - count)
+        ok = True
+        for port in range(base, base + count):
+            with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range found")
+
+
+class VllmEngine:
+    """AsyncLLM, DP=2, tiny MoE model, on CPU; env applied before start and restored after."""
+
+    def __init__(self, env: dict[str, str] | None = None, *, cpu_timeout: int = 30,
+                 dp_sync_interval: int | None = None, metrics: bool = True,
+                 port_base: int | None = None) -> None:
+        """``port_base``: rank r serves ``/metrics`` on ``port_base + r`` (default: a free
+        range); ``metrics=False`` leaves the port base to the environment."""
+        self.port_base = (port_base or free_port_base(2)) if metrics else 0
+        self.env = vllm_cpu_env()
+        if metrics:
+            self.env["INSTRUMENTED_CORE_METRICS_PORT_BASE"] = str(self.port_base)
+        self.env.update(env or {})
+        self.cpu_timeout = cpu_timeout
+        self.dp_sync_interval = dp_sync_interval
+        self.loop = asyncio.new_event_loop()
+        self.llm: Any = None
+        self.monitor: TreeMonitor | None = None
+        self.start_seconds = 0.0
+        self.rss_after_start_mib = 0
+        self._saved_env: dict[str, str | None] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="ic-vllm-test-")
+
+    @property
+    def targets(self) -> list[str]:
+        return [f"127.0.0.1:{self.port_base + r}" for r in (0, 1)]
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        return [f"http://{t}/metrics" for t in self.targets]
+
+    def run(self, coro: Awaitable[Any], timeout: float = 120.0, what: str = "call") -> Any:
+        return self.loop.run_until_complete(bounded(coro, timeout, what))
+
+    def start(self) -> "VllmEngine":
+        for key, value in self.env.items():
+            self._saved_env[key] = os.environ.get(key)
+            os.environ[key] = value
+        self.monitor = TreeMonitor().start()
+        # Futures built outside ``run`` (``asyncio.gather(...)`` arguments) must bind to this
+        # loop, not to a default loop that never runs.
+        asyncio.set_event_loop(self.loop)
+        model_dir = write_tiny_mixtral(os.path.join(self._tmp.name, "tiny-mixtral"))
+        args = async_engine_args(model_dir, cpu_distributed_timeout_seconds=self.cpu_timeout,
+                                 dp_sync_interval=self.dp_sync_interval)
+
+        async def create() -> Any:
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            return AsyncLLM.from_engine_args(args)
+
+        t0 = time.monotonic()
+        self.llm = self.loop.run_until_complete(create())
+        self.start_seconds = time.monotonic() - t0
+
+        self.rss_after_start_mib = round(self.monitor.sample() / 2**20)
+        return self
+
+    def __enter__(self) -> "VllmEngine":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self.llm is not None:
+                try:
+                    self.llm.shutdown()
+                finally:
+                    self.llm.shutdown = lambda *a, **k: None
+                    self.llm = None
+        except Exception:  # noqa: BLE001 - the processes are killed below anyway
+            pass
+        finally:
+            self._cancel_tasks()
+            # Reap our direct children through multiprocessing first (psutil reaping them
+            # would leave multiprocessing believing they still run), then kill the rest.
+            deadline = time.monotonic() + 10
+            for p in multiprocessing.active_children():
+                p.join(max(0.1, deadline - time.monotonic()))
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+            if self.monitor is not None:
+                self.monitor.kill_children(grace=5.0)
+                self.monitor.stop()
+            try:
+                asyncio.set_event_loop(None)
+                self.loop.close()
+            except Exception:  # noqa: BLE001
+                pass
+            for key, value in self._saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            self._tmp.cleanup()
+
+    def _cancel_tasks(self) -> None:
+        """Cancel what vLLM's client left on our loop (output handler, stats task) and let the
+        cancellations run, so no zmq socket outlives the loop (a later gc would block in
+        ``Context.term``)."""
+        try:
+            tasks = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                self.loop.run_until_complete(asyncio.wait(tasks, timeout=5))
+        except Exception:  # noqa: BLE001
+            pass
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def scrape_all(self) -> list[RankSample]:
+        return [scrape(t, timeout=2.0) for t in self.targets]
+
+    def wait_metrics(self, timeout: float = 20.0) -> list[RankSample]:
+        """Both ranks' endpoints up (they start when each engine's busy loop starts)."""
+        return wait_for(lambda: (s := self.scrape_all()) and all(x.reachable for x in s) and s,
+                        timeout, "metrics endpoints of both engine cores")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not true within {timeout:.0f}s (last: {last!r})")
+
+
+COUNTERS = {
+    "pause_keep": (n.PAUSE_REQUESTS + "_total", {"mode": "keep"}),
+    "pause_abort": (n.PAUSE_REQUESTS + "_total", {"mode": "abort"}),
+    "pause_wait": (n.PAUSE_REQUESTS + "_total", {"mode": "wait"}),
+    "consensus": (n.PAUSE_CONSENSUS + "_total", {}),
+    "resumes": (n.RESUMES + "_total", {}),
+    "sync_rounds": (n.SYNC_ROUNDS + "_total", {}),
+    "wave_ignored": (n.START_DP_WAVE + "_total", {"outcome": "ignored"}),
+    "wave_acted": (n.START_DP_WAVE + "_total", {"outcome": "acted"}),
+    "wave_stale": (n.START_DP_WAVE + "_total", {"outcome": "stale"}),
+    "wave_excluded": (n.START_DP_WAVE + "_total", {"outcome": "excluded"}),
+    "steps_real": (n.STEPS + "_total", {"kind": "real"}),
+    "steps_dummy": (n.STEPS + "_total", {"kind": "dummy"}),
+    "consensus_count": (n.PAUSE_CONSENSUS_STEPS + "_count", {}),
+    "barrier_seconds": (n.COLLECTIVE_WAIT + "_total", {"collective": "barrier"}),
+    "rpc_seconds": (n.COLLECTIVE_WAIT + "_total", {"collective": "collective_rpc"}),
+    "resume_seconds": (n.COLLECTIVE_WAIT + "_total", {"collective": "resume"}),
+}
+
+
+def counters(sample: RankSample) -> dict[str, float]:
+    return {key: sample.get(name, 0.0, **labels) or 0.0 for key, (name, labels) in COUNTERS.items()}
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+def new_request_id(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def staggered_barrier_scenario(llm: Any, barrier_timeout: float = 30.0,
+                                     t: float = 60.0, gap: float = 5.0) -> dict[str, Any]:
+    """vLLM's ``test_dp_pause_barrier_request_deadlock`` (DP=2), waiting until the request
+    routed to engine 1 has really been sent (on 2 cores 200 yields are not enough)."""
+    await bounded(llm.pause_generation(mode="keep"), t, "pause_generation(keep)")
+    paused = await bounded(llm.is_paused(), t, "is_paused")
+    b0 = asyncio.ensure_future(barrier_engine(llm, 0))
+    await asyncio.sleep(1.0)
+    rid = new_request_id("routed")
+    routed = asyncio.ensure_future(generate(llm, PROMPTS[3], max_tokens=8, dp_rank=1,
+                                            request_id=rid))
+    await wait_routed(llm, rid, 10.0)
+    await asyncio.sleep(gap)
+    b1 = asyncio.ensure_future(barrier_engine(llm, 1))
+    try:
+        await bounded(asyncio.gather(b0, b1), barrier_timeout, "staggered barrier")
+    except BaseException:
+        for task in (b0, b1, routed):
+            task.cancel()
+        raise
+    await bounded(barrier_all(llm), t, "barrier (all engines)")
+    await bounded(llm.resume_generation(), t, "resume_generation")
+    out = await bounded(routed, t, "routed request")
+    return {"is_paused": paused, "routed": out}
