@@ -13,7 +13,7 @@ from instrumented_core.cluster import Cluster, ClusterConfig
 from instrumented_core.scrape import scrape, scrape_all
 from instrumented_core.telemetry import TelemetryConfig, TelemetryConfigError
 from instrumented_core.telemetry import names as n
-from instrumented_core.telemetry.otlp_sink import BlackholeServer, OtlpSink
+from instrumented_core.telemetry.otlp_sink import BlackholeServer, OtlpGrpcSink, OtlpSink
 
 pytestmark = pytest.mark.cluster
 
@@ -199,6 +199,24 @@ def test_otlp_export_end_to_end_and_an_unresponsive_collector_costs_nothing(tmp_
     finally:
         sink.close()
         blackhole.close()
+
+
+def test_otlp_grpc_export_configured_by_the_standard_variables(tmp_path):
+    sink = OtlpGrpcSink()
+    try:
+        tel = TelemetryConfig.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+                                        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                                        "OTEL_SERVICE_NAME": "rollout-engines"},
+                                       metrics_port_base=0)
+        with Cluster(ClusterConfig(ranks=2, telemetry=tel)) as cluster:
+            cluster.pause("keep")
+            cluster.resume()
+        pauses = [s for s in sink.spans if s.name == n.SPAN_PAUSE]
+        assert sorted(s.attributes[n.ATTR_RANK] for s in pauses) == [0, 1]
+        assert len({s.trace_id for s in pauses}) == 1
+        assert {s.resource["service.name"] for s in sink.spans} == {"rollout-engines"}
+    finally:
+        sink.close()
 
 
 def test_with_telemetry_off_there_is_no_endpoint_and_no_spans(tmp_path):

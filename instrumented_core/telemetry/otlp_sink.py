@@ -32,11 +32,34 @@ def _value(any_value):
     return getattr(any_value, kind) if kind else None
 
 
-class OtlpSink:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+class _SpanStore:
+    """Keeps the spans of every export request received."""
+
+    def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
         self.requests = 0
         self._lock = threading.Lock()
+
+    def _store(self, request: ExportTraceServiceRequest) -> None:
+        spans = []
+        for rs in request.resource_spans:
+            resource = {a.key: _value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    spans.append(ReceivedSpan(
+                        s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(),
+                        {a.key: _value(a.value) for a in s.attributes},
+                        tuple(e.name for e in s.events), resource))
+        with self._lock:
+            self.requests += 1
+            self.spans.extend(spans)
+
+
+class OtlpSink(_SpanStore):
+    """OTLP/HTTP (protobuf) receiver."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__()
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,23 +84,36 @@ class OtlpSink:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
-    def _store(self, request: ExportTraceServiceRequest) -> None:
-        spans = []
-        for rs in request.resource_spans:
-            resource = {a.key: _value(a.value) for a in rs.resource.attributes}
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    spans.append(ReceivedSpan(
-                        s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(),
-                        {a.key: _value(a.value) for a in s.attributes},
-                        tuple(e.name for e in s.events), resource))
-        with self._lock:
-            self.requests += 1
-            self.spans.extend(spans)
-
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class OtlpGrpcSink(_SpanStore):
+    """The same receiver over OTLP/gRPC (``OTEL_EXPORTER_OTLP_PROTOCOL=grpc``), on loopback."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        super().__init__()
+        sink = self
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802 - gRPC method name
+                sink._store(request)
+                return ExportTraceServiceResponse()
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self._server)
+        port = self._server.add_insecure_port(f"{host}:0")
+        self._server.start()
+        self.endpoint = f"http://{host}:{port}"
+
+    def close(self) -> None:
+        self._server.stop(grace=None)
 
 
 class BlackholeServer:
