@@ -227,21 +227,35 @@ def run_demo(options: DemoOptions, out=print) -> int:
         final_rows = list(recorder.latest) if recorder is not None else []
         cluster.stop()
 
+    return finish_run(out_dir, options, verdict, (expected_kind, expected_culprits), out,
+                      urls=cluster.metrics_urls, final_rows=final_rows, started=started,
+                      seed=seed, pauses=pauses,
+                      fault_rank=fault_rank if options.fault != "none" else None)
+
+
+def finish_run(out_dir: Path, options: DemoOptions, verdict, expected: tuple[str, list[int]],
+               out, *, urls: list, final_rows: list[dict], started: float, seed: int,
+               pauses: int, fault_rank: int | None, **extra) -> int:
+    """Write summary.json and report.html, print the verdict; the demo's exit status.
+
+    Shared by both engines (CPU cluster, real vLLM) so their outputs cannot drift apart."""
+    expected_kind, expected_culprits = expected
     summary = {
+        **extra,
         "protocol": options.protocol,
         "cadence": options.cadence,
         "ranks": options.ranks,
         "sync_interval": options.sync_interval,
         "seed": seed,
         "fault": options.fault,
-        "fault_rank": fault_rank if options.fault != "none" else None,
+        "fault_rank": fault_rank,
         "pauses": pauses,
         "sync_rounds": [row.get("sync_rounds") for row in final_rows],
         "start_dp_wave": {o: sum(row.get("start_dp_wave", {}).get(o, 0) for row in final_rows)
                           for o in ("acted", "ignored", "stale", "excluded")},
         **verdict.as_dict(),
         "expected": {"verdict": expected_kind, "culprit_ranks": expected_culprits},
-        "metrics_urls": cluster.metrics_urls,
+        "metrics_urls": urls,
         "duration_seconds": round(time.time() - started, 2),
         "options": asdict(options),
     }
@@ -252,11 +266,13 @@ def run_demo(options: DemoOptions, out=print) -> int:
     out(f"verdict: {verdict.kind}: {verdict.summary}")
     if verdict.culprits:
         out("culprit ranks: " + ", ".join(str(r) for r in verdict.culprits))
-    out("metrics were served at: " + "  ".join(u or "-" for u in cluster.metrics_urls))
+    out("metrics were served at: " + "  ".join(u or "-" for u in urls))
     out(f"report: {report}  summary: {out_dir / SUMMARY}  spans: {out_dir / SPANS}")
-    ok = verdict.kind == expected_kind and (
-        expected_kind == "deadlock" or verdict.culprits == expected_culprits) if (
-        expected_kind != "healthy") else verdict.healthy
+    if expected_kind == "healthy":
+        ok = verdict.healthy
+    else:
+        ok = verdict.kind == expected_kind and (
+            expected_kind == "deadlock" or verdict.culprits == expected_culprits)
     if not ok:
         out(f"instrumented-core: error: expected {expected_kind} "
             f"{expected_culprits or ''} but the metrics say {verdict.kind} {verdict.culprits}")

@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import random
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from instrumented_core.demo import SPANS, SUMMARY, DemoOptions, Story, _expected, _live_view
+from instrumented_core.demo import (SPANS, SUMMARY, DemoOptions, Story, _expected, _live_view,
+                                    finish_run)
 from instrumented_core.doctor import run_doctor
 from instrumented_core.recorder import Recorder
 from instrumented_core.telemetry.config import DEFAULT_PORT_BASE, TelemetryConfig
@@ -193,7 +192,7 @@ def run_vllm_story(options: DemoOptions, out: Callable[[str], None] = print) -> 
     for stale in (SUMMARY, SPANS, "report.html"):
         (out_dir / stale).unlink(missing_ok=True)
     env, cpu_timeout = _engine_env(options, out_dir, fault_rank)
-    expected_kind, expected_culprits = _expected(options, fault_rank)
+    expected = _expected(options, fault_rank)
     engine = VllmEngine(env, cpu_timeout=cpu_timeout, dp_sync_interval=options.sync_interval,
                         port_base=port_base)
     urls = engine.metrics_urls
@@ -240,46 +239,13 @@ def run_vllm_story(options: DemoOptions, out: Callable[[str], None] = print) -> 
         engine.close()
 
     verdict = state["verdict"]
-    summary = {
-        "engine": "vllm",
-        "vllm_version": vllm.__version__,
-        "protocol": options.protocol,
-        "cadence": options.cadence,
-        "ranks": DP_SIZE,
-        "sync_interval": options.sync_interval,
-        "seed": seed,
-        "fault": options.fault,
-        "fault_rank": fault_rank if options.fault != "none" and options.protocol != "legacy"
-        else None,
-        "pauses": state["pauses"],
-        "sync_rounds": [row.get("sync_rounds") for row in final_rows],
-        "start_dp_wave": {o: sum(row.get("start_dp_wave", {}).get(o, 0) for row in final_rows)
-                          for o in ("acted", "ignored", "stale", "excluded")},
-        **verdict.as_dict(),
-        "expected": {"verdict": expected_kind, "culprit_ranks": expected_culprits},
-        "metrics_urls": urls,
-        "engine_start_seconds": round(start_seconds, 2),
-        "rss_after_start_mib": rss,
-        "duration_seconds": round(time.time() - started, 2),
-        "options": asdict(options),
-    }
-    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
-    from instrumented_core.report import build_report
-
-    report = build_report(out_dir)
-    out(f"verdict: {verdict.kind}: {verdict.summary}")
-    if verdict.culprits:
-        out("culprit ranks: " + ", ".join(str(r) for r in verdict.culprits))
-    out("metrics were served at: " + "  ".join(urls))
-    out(f"report: {report}  summary: {out_dir / SUMMARY}  spans: {out_dir / SPANS}")
-    ok = verdict.kind == expected_kind and (
-        expected_kind == "deadlock" or verdict.culprits == expected_culprits) if (
-        expected_kind != "healthy") else verdict.healthy
-    if not ok:
-        out(f"{PROG}: error: expected {expected_kind} "
-            f"{expected_culprits or ''} but the metrics say {verdict.kind} {verdict.culprits}")
-        return 1
-    return 0
+    return finish_run(
+        out_dir, options, verdict, expected, out, urls=urls,
+        final_rows=final_rows, started=started, seed=seed, pauses=state["pauses"],
+        fault_rank=(fault_rank if options.fault != "none" and options.protocol != "legacy"
+                    else None),
+        engine="vllm", vllm_version=vllm.__version__,
+        engine_start_seconds=round(start_seconds, 2), rss_after_start_mib=rss)
 
 
 async def _story(engine: Any, options: DemoOptions, story: Story, rng: random.Random,
