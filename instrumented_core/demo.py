@@ -218,13 +218,9 @@ def run_demo(options: DemoOptions, out=print) -> int:
     finally:
         if traffic is not None:
             traffic.stop()
-        if recorder is not None:
-            recorder.sample_now()
-            recorder.save_expositions()
-            recorder.stop()
+        final_rows = recorder.finish() if recorder is not None else []
         if live is not None:
             live.stop()
-        final_rows = list(recorder.latest) if recorder is not None else []
         cluster.stop()
 
     return finish_run(out_dir, options, verdict, (expected_kind, expected_culprits), out,

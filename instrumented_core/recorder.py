@@ -106,6 +106,13 @@ class Recorder:
             self._events.write(json.dumps(item) + "\n")
             self._events.flush()
 
+    def finish(self) -> list[dict]:
+        """Last sample and final expositions, then stop; returns the last rows."""
+        self.sample_now()
+        self.save_expositions()
+        self.stop()
+        return list(self.latest)
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)

@@ -497,6 +497,19 @@ def phase_timeline_svg(data: RunData, culprits: set[int]) -> str:
     return "".join(parts)
 
 
+def _y_grid(step: float, y_max: float, y_of) -> list[str]:
+    """Horizontal grid lines with their tick labels, every ``step`` up to ``y_max``."""
+    parts = []
+    k = 0
+    while k * step <= y_max + 1e-9:
+        y = y_of(k * step)
+        parts.append(f'<line class="grid" x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" '
+                     f'y2="{y:.1f}"/>')
+        parts.append(_text(LEFT - 6, y + 4, _fmt_num(k * step), "end", "tick"))
+        k += 1
+    return parts
+
+
 def sync_rounds_svg(data: RunData) -> str | None:
     series = {}
     for rank in data.ranks:
@@ -520,13 +533,7 @@ def sync_rounds_svg(data: RunData) -> str | None:
 
     parts = [_svg_open("sync-rounds", height, "sync rounds over time per rank")]
     parts += _time_axis(data, x_of, bottom, top)
-    k = 0
-    while k * step <= y_max + 1e-9:
-        y = y_of(k * step)
-        parts.append(f'<line class="grid" x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" '
-                     f'y2="{y:.1f}"/>')
-        parts.append(_text(LEFT - 6, y + 4, _fmt_num(k * step), "end", "tick"))
-        k += 1
+    parts += _y_grid(step, y_max, y_of)
     parts.append(_text(18, top + plot_h / 2, "sync rounds (total)", "middle", "axis-label",
                        f' transform="rotate(-90 18 {top + plot_h / 2:.1f})"'))
     for rank, pts in series.items():
@@ -556,13 +563,7 @@ def bar_chart_svg(kind: str, label: str, groups: list[str], series: list[tuple[s
         return bottom - v / y_max * plot_h
 
     parts = [_svg_open(kind, height, label)]
-    k = 0
-    while k * step <= y_max + 1e-9:
-        y = y_of(k * step)
-        parts.append(f'<line class="grid" x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" '
-                     f'y2="{y:.1f}"/>')
-        parts.append(_text(LEFT - 6, y + 4, _fmt_num(k * step), "end", "tick"))
-        k += 1
+    parts += _y_grid(step, y_max, y_of)
     parts.append(f'<line class="axis" x1="{LEFT}" y1="{bottom}" x2="{WIDTH - RIGHT}" '
                  f'y2="{bottom}"/>')
     parts.append(_text(18, top + plot_h / 2, y_label, "middle", "axis-label",

@@ -227,13 +227,9 @@ def run_vllm_story(options: DemoOptions, out: Callable[[str], None] = print) -> 
         budget = 120.0 + options.duration * 3 + options.hold + _stall_seconds(options)
         engine.run(_story(engine, options, story, rng, fault_rank, state), budget, "the story")
     finally:
-        if recorder is not None:
-            recorder.sample_now()
-            recorder.save_expositions()
-            recorder.stop()
+        final_rows = recorder.finish() if recorder is not None else []
         if live is not None:
             live.stop()
-        final_rows = list(recorder.latest) if recorder is not None else []
         rss = engine.rss_after_start_mib
         start_seconds = engine.start_seconds
         engine.close()
