@@ -26,6 +26,13 @@ itself does not define them), built on ``torch.distributed`` over the communicat
 Both cost more than a true v-collective (they move ``world_size x max(sizes)`` rows and a full
 all-reduce), which is irrelevant for the tiny test models this is meant for.
 
+It also asks Linux for permission to use AMX tile data in the process
+(``torch.cpu._init_amx()``, i.e. ``arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)``). On a CPU with
+AMX, vLLM's CPU attention picks its AMX kernel for bfloat16, but nothing in vLLM 0.32.0 requests
+that permission; whether the worker survives its first forward then depends on whether oneDNN
+happened to request it first, and otherwise the worker dies of ``SIGILL`` (exit code -4, seen
+here on 3 of 5 engine starts on a Sapphire Rapids VM). Without AMX the call is a no-op.
+
 Activation
 ----------
 vLLM calls every entry point of the group ``vllm.general_plugins`` once per process: in the
@@ -151,16 +158,33 @@ _all_gatherv.__dict__[_MARK] = True
 _reduce_scatterv.__dict__[_MARK] = True
 
 
-def install() -> dict[str, str]:
-    """Patch ``CpuCommunicator`` now (no env check). Returns ``{method: outcome}``.
+def request_amx_permission() -> str:
+    """Ask the kernel for AMX tile-data permission in this process (see the module docstring).
 
-    Outcomes: ``installed``, ``already`` (ours, from an earlier call) or ``native`` (vLLM
-    defines the method on ``CpuCommunicator`` itself; left alone). Raises on import errors;
-    :func:`register` is the never-raising wrapper.
+    Returns ``granted``, ``unsupported`` (no AMX on this CPU, or a torch without the call) or
+    ``refused`` (the kernel said no; vLLM's AMX kernels would then die of SIGILL).
+    """
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    if not (hasattr(cpu, "_is_amx_tile_supported") and hasattr(cpu, "_init_amx")):
+        return "unsupported"
+    if not cpu._is_amx_tile_supported():
+        return "unsupported"
+    return "granted" if cpu._init_amx() else "refused"
+
+
+def install() -> dict[str, str]:
+    """Patch ``CpuCommunicator`` now (no env check). Returns ``{what: outcome}``.
+
+    Method outcomes: ``installed``, ``already`` (ours, from an earlier call) or ``native``
+    (vLLM defines the method on ``CpuCommunicator`` itself; left alone); ``amx``: see
+    :func:`request_amx_permission`. Raises on import errors; :func:`register` is the
+    never-raising wrapper.
     """
     from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
 
-    outcome: dict[str, str] = {}
+    outcome: dict[str, str] = {"amx": request_amx_permission()}
     for name, impl in (("all_gatherv", _all_gatherv), ("reduce_scatterv", _reduce_scatterv)):
         current = CpuCommunicator.__dict__.get(name)
         if current is not None and getattr(current, _MARK, False):
@@ -196,6 +220,9 @@ def register() -> None:
         return
     try:
         outcome = install()
+        if outcome["amx"] == "refused":
+            logger.warning("instrumented_core CPU DP plugin: the kernel refused AMX permission; "
+                           "use a float32 model or a CPU without AMX (pid %d)", os.getpid())
         if "installed" in outcome.values():
             logger.info("instrumented_core CPU DP plugin: CpuCommunicator %s (pid %d)",
                         outcome, os.getpid())
