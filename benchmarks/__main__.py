@@ -1,7 +1,8 @@
 """``python -m benchmarks [--quick] [--only SECTION ...] [--no-alert]``: JSON lines on stdout.
 
-Sections: overhead, detection, pause, scale, exporter. Progress goes to stderr. Every child
-process (cluster ranks, Gloo workers, Prometheus) is ended before the command returns.
+Sections: overhead, detection, pause, scale, exporter, vllm (the real engine; not in --quick).
+Progress goes to stderr. Every child process (cluster ranks, Gloo workers, Prometheus, vLLM
+engines) is ended before the command returns.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import sys
 import time
 
-SECTIONS = ("overhead", "detection", "pause", "scale", "exporter")
+SECTIONS = ("overhead", "detection", "pause", "scale", "exporter", "vllm")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
 
-    from benchmarks import detection, exporter, overhead, pause_latency, scale
+    from benchmarks import detection, exporter, overhead, pause_latency, scale, vllm_engine
     from benchmarks.common import cleanup, emit, log
 
-    sections = args.only or list(SECTIONS)
+    sections = args.only or [s for s in SECTIONS if not (args.quick and s == "vllm")]
     started = time.monotonic()
     step_seconds = None
     failed = []
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                 scale.run(args.quick)
             elif section == "exporter":
                 exporter.run(args.quick)
+            elif section == "vllm":
+                vllm_engine.run(args.quick)
         except Exception as e:  # noqa: BLE001 - one failed section must not hide the others
             failed.append(section)
             log(f"{section} failed: {e!r}")
