@@ -78,7 +78,7 @@ def series_and_bytes(quick: bool) -> None:
 
 def doctor_time(quick: bool) -> None:
     from instrumented_core.diagnosis import diagnose
-    from instrumented_core.scrape import scrape_all, to_view
+    from instrumented_core.scrape import DIAGNOSIS_SERIES, scrape_all, to_view
     from instrumented_core.telemetry.server import MetricsServer
 
     doctor = load_run_doctor()
@@ -97,7 +97,7 @@ def doctor_time(quick: bool) -> None:
 
             def once():
                 t0 = time.perf_counter()
-                samples = scrape_all(urls, timeout=5.0)
+                samples = scrape_all(urls, timeout=5.0, only=DIAGNOSIS_SERIES)
                 verdict = diagnose([to_view(s, r) for r, s in enumerate(samples)], 2.0)
                 return time.perf_counter() - t0, verdict
 
@@ -108,8 +108,8 @@ def doctor_time(quick: bool) -> None:
             verdict = runs[-1][1]
             emit(f"scale.dp{ranks}.diagnose_one_pass_seconds", "s", value=seconds, ranks=ranks,
                  verdict=verdict.kind, culprits=verdict.culprits, reps=reps,
-                 note="one scrape_all over loopback HTTP (one MetricsServer per rank, all in "
-                      "one process) + to_view + diagnose; median")
+                 note="one scrape_all of the series the doctor reads over loopback HTTP (one "
+                      "MetricsServer per rank, all in one process) + to_view + diagnose; median")
             if doctor is not None:
                 try:
                     times, kinds = [], set()

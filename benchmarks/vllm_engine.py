@@ -14,6 +14,7 @@ counters check the step count.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from benchmarks.common import emit, log, median
@@ -72,6 +73,9 @@ def _measure(rounds: int, max_tokens: int) -> dict:
 
 
 def run(quick: bool) -> None:
+    # vLLM logs to stdout by default, in this process and in every engine process it spawns:
+    # keep stdout for the JSON lines (set before vLLM configures its logging at import)
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm  # noqa: F401
     except ImportError:

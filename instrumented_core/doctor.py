@@ -12,7 +12,8 @@ import urllib.request
 from dataclasses import dataclass
 
 from instrumented_core.diagnosis import Verdict, diagnose
-from instrumented_core.scrape import (RankSample, prometheus_samples, scrape_all, to_view)
+from instrumented_core.scrape import (DIAGNOSIS_SERIES, RankSample, prometheus_samples, scrape_all,
+                                     to_view)
 
 EXIT_OK, EXIT_SLOW, EXIT_STUCK, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -79,9 +80,9 @@ def run_doctor(targets: list[str] | None = None, prometheus: str | None = None,
         views = [to_view(s, r) for s, r in zip(samples, ranks)]
     else:
         targets = targets or []
-        first = scrape_all(targets, timeout)
+        first = scrape_all(targets, timeout, DIAGNOSIS_SERIES)
         time.sleep(interval)
-        samples = scrape_all(targets, timeout)
+        samples = scrape_all(targets, timeout, DIAGNOSIS_SERIES)
         ranks = [_rank_of(s if s.reachable else f, i)
                  for i, (f, s) in enumerate(zip(first, samples))]
         views = [to_view(s, r, f) for s, r, f in zip(samples, ranks, first)]

@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Collection
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,6 +21,14 @@ from instrumented_core.telemetry import names as n
 
 PHASE_NAMES = {code: name for name, code in n.PHASE_CODES.items()}
 WAIT_COLLECTIVES = ("step", n.COLLECTIVE_SYNC)
+
+#: The series :func:`to_view` reads (and ``RankSample.engine``): what the doctor scrapes.
+#: About a sixth of a rank's exposition; the rest (histogram buckets, ``_created``) is skipped
+#: before parsing, which is most of a scrape's client-side cost at 64+ ranks.
+DIAGNOSIS_SERIES = frozenset({
+    n.PHASE, n.ENGINES_RUNNING, n.STEPS_UNTIL_SYNC, n.DP_SIZE, n.COLLECTIVE_INSIDE,
+    n.LAST_PROGRESS, n.COLLECTIVE_WAIT + "_total",
+})
 
 
 @dataclass
@@ -56,7 +65,25 @@ def metrics_url(target: str) -> str:
     return f"http://{target}/metrics"
 
 
-def scrape(target: str, timeout: float = 1.0) -> RankSample:
+def _only_series(text: str, names: Collection[str]) -> str:
+    """The sample lines of ``text`` whose series name is in ``names`` (comments dropped)."""
+    keep = []
+    for line in text.splitlines():
+        if line and line[0] != "#":
+            end = len(line)
+            for stop in ("{", " "):
+                i = line.find(stop)
+                if i != -1 and i < end:
+                    end = i
+            if line[:end] in names:
+                keep.append(line)
+    keep.append("")
+    return "\n".join(keep)
+
+
+def scrape(target: str, timeout: float = 1.0,
+           only: Collection[str] | None = None) -> RankSample:
+    """One rank's ``/metrics``; ``only`` keeps just those series (e.g. ``DIAGNOSIS_SERIES``)."""
     url = metrics_url(target)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -64,17 +91,20 @@ def scrape(target: str, timeout: float = 1.0) -> RankSample:
     except Exception as e:  # noqa: BLE001 - unreachable is a finding, not a crash
         return RankSample(target, False, f"{type(e).__name__}: {e}", time.time())
     sample = RankSample(target, True, fetched_at=time.time())
+    if only is not None:
+        text = _only_series(text, only)
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             sample.values[(s.name, frozenset(s.labels.items()))] = s.value
     return sample
 
 
-def scrape_all(targets: list[str], timeout: float = 1.0) -> list[RankSample]:
+def scrape_all(targets: list[str], timeout: float = 1.0,
+               only: Collection[str] | None = None) -> list[RankSample]:
     if not targets:
         return []
     with ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
-        return list(pool.map(lambda t: scrape(t, timeout), targets))
+        return list(pool.map(lambda t: scrape(t, timeout, only), targets))
 
 
 def to_view(sample: RankSample, rank: int, previous: RankSample | None = None) -> RankView:

@@ -1,0 +1,59 @@
+"""The doctor's filtered scrape reads exactly what a full scrape reads, for the series it needs.
+
+Real ``RankMetrics`` behind a real ``MetricsServer`` over loopback HTTP; the rank's state is
+frozen (stalled, a peer inside the sync all-reduce) so two scrapes see the same values.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry
+
+from instrumented_core.diagnosis import diagnose
+from instrumented_core.protocol import PauseStateMachine
+from instrumented_core.scrape import DIAGNOSIS_SERIES, scrape, scrape_all, to_view
+from instrumented_core.telemetry import names as n
+from instrumented_core.telemetry.metrics import RankMetrics
+from instrumented_core.telemetry.probe import TelemetryProbe
+from instrumented_core.telemetry.server import MetricsServer
+
+INFO = {"dp_size": "2", "sync_interval": "16", "protocol": "two-phase", "cadence": "fixed",
+        "version": "test", "vllm_version": "none"}
+
+
+def _ranks(count: int):
+    out = []
+    for r in range(count):
+        reg = CollectorRegistry()
+        probe = TelemetryProbe(r, count, RankMetrics(reg, r, "m", INFO), None, model_name="m")
+        PauseStateMachine(r, count, 16, probe=probe)
+        out.append((reg, probe))
+    return out
+
+
+def test_filtered_scrape_equals_the_full_scrape_on_the_doctors_series():
+    ranks = _ranks(2)
+    servers = [MetricsServer(reg, "127.0.0.1", 0, r) for r, (reg, _) in enumerate(ranks)]
+    try:
+        frozen = time.time() - 30
+        ranks[0][1].hot.last_progress = frozen
+        ranks[1][1].hot.inside_since[n.COLLECTIVE_SYNC] = frozen
+        for server in servers:
+            full = scrape(server.url)
+            part = scrape(server.url, only=DIAGNOSIS_SERIES)
+            assert full.reachable and part.reachable
+            wanted = {k: v for k, v in full.values.items() if k[0] in DIAGNOSIS_SERIES}
+            assert {k[0] for k in wanted} == DIAGNOSIS_SERIES  # every series is exported
+            # inside-seconds grows between the two scrapes; everything else is frozen
+            grows = n.COLLECTIVE_INSIDE
+            assert {k: v for k, v in part.values.items() if k[0] != grows} == \
+                {k: v for k, v in wanted.items() if k[0] != grows}
+            assert {k for k in part.values} == set(wanted)
+            assert len(part.values) < len(full.values) / 4
+        samples = scrape_all([s.url for s in servers], only=DIAGNOSIS_SERIES)
+        verdict = diagnose([to_view(s, r) for r, s in enumerate(samples)], 2.0)
+        assert verdict.culprits == [0], verdict.summary
+    finally:
+        for server in servers:
+            server.close()
