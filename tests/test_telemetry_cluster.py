@@ -116,6 +116,12 @@ def test_one_trace_per_pause_with_every_rank_and_its_phases(scripted_pause):
         assert pending["end_time"] <= paused["start_time"]
         sync_events = [e for e in pending["events"] if e["name"] == n.EVENT_SYNC_ROUND]
         assert sync_events and sync_events[-1]["attributes"][n.ATTR_CONSENSUS] is True
+        # each round at the time it happened, in order, inside the pending phase
+        stamps = [e["timestamp"] for e in sync_events]
+        assert stamps == sorted(stamps)
+        assert pending["start_time"] <= stamps[0] and stamps[-1] <= pending["end_time"]
+        rounds = [e["attributes"][n.ATTR_SYNC_ROUND] for e in sync_events]
+        assert rounds == sorted(set(rounds)), rounds
         assert sync_events[-1]["attributes"][n.ATTR_PAUSE_VOTES] == 4
         assert pending["attributes"][n.ATTR_STEPS_WAITED] >= 1
         ignored = [e for e in paused["events"] if e["name"] == n.EVENT_START_DP_WAVE_IGNORED]

@@ -13,6 +13,7 @@ import functools
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from instrumented_core.protocol import Phase, SyncResult, is_sync_step, steps_until_sync
@@ -20,6 +21,11 @@ from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.metrics import HotPathState
 
 log = logging.getLogger(__name__)
+
+#: Sync rounds of one phase kept for its span (the newest), as OpenTelemetry's default span
+#: event limit (``OTEL_SPAN_EVENT_COUNT_LIMIT``, 128) would keep: a pause pending for hours
+#: holds no more than this.
+MAX_SYNC_ROUND_EVENTS = 128
 
 
 class Probe:
@@ -111,6 +117,7 @@ class TelemetryProbe(Probe):
         self._pause_span = None
         self._phase_span = None
         self._mode = ""
+        self._sync_rounds_to_record: deque[tuple] = deque(maxlen=MAX_SYNC_ROUND_EVENTS)
         self._shutdown_lock = threading.Lock()
         self._shut_down = False
 
@@ -160,10 +167,29 @@ class TelemetryProbe(Probe):
             self._pause_span = self._tracer.start_span(n.SPAN_PAUSE, context=ctx,
                                                        attributes=attrs)
 
+    def _record_sync_rounds(self) -> None:
+        """Turn the sync rounds kept since the last call into events of the phase span, with
+        the times they happened. Runs before that span gets another event or ends."""
+        rounds = self._sync_rounds_to_record
+        if not rounds or self._phase_span is None:
+            rounds.clear()
+            return
+        span = self._phase_span
+        while rounds:
+            (stamp, sync_round, local_unfinished, local_pause, result,
+             seconds) = rounds.popleft()
+            span.add_event(n.EVENT_SYNC_ROUND, {
+                n.ATTR_SYNC_ROUND: sync_round,
+                n.ATTR_LOCAL_UNFINISHED: local_unfinished, n.ATTR_LOCAL_PAUSE: local_pause,
+                n.ATTR_GLOBAL_UNFINISHED: result.global_unfinished,
+                n.ATTR_PAUSE_VOTES: result.pause_votes, n.ATTR_CONSENSUS: result.consensus,
+                n.ATTR_SYNC_SECONDS: seconds}, timestamp=stamp)
+
     def _start_phase_span(self, name: str) -> None:
         from opentelemetry import trace
 
         if self._phase_span is not None:
+            self._record_sync_rounds()
             self._phase_span.end()
         ctx = trace.set_span_in_context(self._pause_span)
         self._phase_span = self._tracer.start_span(name, context=ctx, attributes=self._span_attrs())
@@ -197,6 +223,7 @@ class TelemetryProbe(Probe):
 
     def _end_pause_span(self) -> None:
         if self._phase_span is not None:
+            self._record_sync_rounds()
             self._phase_span.end()
             self._phase_span = None
         if self._pause_span is not None:
@@ -225,13 +252,13 @@ class TelemetryProbe(Probe):
             m.sync_wait.observe(seconds)
         if self._phase_span is not None and self._state is not None and (
                 getattr(self._state, "pending_pause", False) or result.consensus):
+            # kept as a tuple now, made a span event when the span next changes: an event
+            # costs several microseconds, a round of a pending pause should not (and a span
+            # is exported only when it ends anyway)
             local_unfinished, local_pause = getattr(self, "_sync_local", (False, False))
-            self._phase_span.add_event(n.EVENT_SYNC_ROUND, {
-                n.ATTR_SYNC_ROUND: int(getattr(self._state, "sync_rounds", 0)),
-                n.ATTR_LOCAL_UNFINISHED: local_unfinished, n.ATTR_LOCAL_PAUSE: local_pause,
-                n.ATTR_GLOBAL_UNFINISHED: result.global_unfinished,
-                n.ATTR_PAUSE_VOTES: result.pause_votes, n.ATTR_CONSENSUS: result.consensus,
-                n.ATTR_SYNC_SECONDS: seconds})
+            self._sync_rounds_to_record.append((
+                time.time_ns(), int(getattr(self._state, "sync_rounds", 0)), local_unfinished,
+                local_pause, result, seconds))
 
     @_guarded
     def consensus(self) -> None:
@@ -244,6 +271,7 @@ class TelemetryProbe(Probe):
             self.metrics.start_dp_wave[outcome].inc()
         span = self._phase_span or self._pause_span
         if span is not None:
+            self._record_sync_rounds()
             name = n.EVENT_START_DP_WAVE_IGNORED if outcome == "ignored" else n.EVENT_START_DP_WAVE
             span.add_event(name, {n.ATTR_WAVE: wave, n.ATTR_EXCLUDE: repr(exclude),
                                   n.ATTR_OUTCOME: outcome})
