@@ -67,18 +67,9 @@ def metrics_url(target: str) -> str:
 
 def _only_series(text: str, names: Collection[str]) -> str:
     """The sample lines of ``text`` whose series name is in ``names`` (comments dropped)."""
-    keep = []
-    for line in text.splitlines():
-        if line and line[0] != "#":
-            end = len(line)
-            for stop in ("{", " "):
-                i = line.find(stop)
-                if i != -1 and i < end:
-                    end = i
-            if line[:end] in names:
-                keep.append(line)
-    keep.append("")
-    return "\n".join(keep)
+    keep = [line for line in text.splitlines()
+            if line and line[0] != "#" and line.split("{", 1)[0].split(" ", 1)[0] in names]
+    return "\n".join(keep) + "\n"
 
 
 def scrape(target: str, timeout: float = 1.0,

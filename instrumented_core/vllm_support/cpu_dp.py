@@ -31,7 +31,7 @@ It also asks Linux for permission to use AMX tile data in the process
 AMX, vLLM's CPU attention picks its AMX kernel for bfloat16, but nothing in vLLM 0.32.0 requests
 that permission; whether the worker survives its first forward then depends on whether oneDNN
 happened to request it first, and otherwise the worker dies of ``SIGILL`` (exit code -4, seen
-here on 3 of 5 engine starts on a Sapphire Rapids VM). Without AMX the call is a no-op.
+here on 3 of 5 engine starts on an AMX-capable Xeon VM). Without AMX the call is a no-op.
 
 Activation
 ----------
