@@ -1,7 +1,7 @@
 """Section 6: the instrumentor on vLLM's real DP=2 engine (CPU, tiny Mixtral).
 
 Two engines run side by side in this process, each with its own coordinator, engine cores and
-workers (about 6 GiB each): one with telemetry off (``INSTRUMENTED_CORE_TELEMETRY=off``: the
+workers (about 5.2 GiB each): one with telemetry off (``INSTRUMENTED_CORE_TELEMETRY=off``: the
 plugin leaves vLLM unwrapped) as the baseline, one instrumented. An idle DP engine blocks on
 its input queue, so only the engine being measured uses the 2 cores. Rounds alternate between
 them (off, on, on, off, ...) to cancel drift: every round sends two requests to each rank with
