@@ -86,28 +86,23 @@ def run(quick: bool) -> None:
     log(f"vllm: two real DP=2 engines (telemetry off, on), {rounds} alternated rounds "
         f"x {max_tokens} tokens")
     m = _measure(rounds, max_tokens)
-    off = {"start_seconds": m["start_seconds"]["off"], "rss_mib": m["rss_mib"]["off"],
-           "step_seconds": m["runs"]["off"]}
-    on = {"start_seconds": m["start_seconds"]["on"], "rss_mib": m["rss_mib"]["on"],
-          "step_seconds": m["runs"]["on"], "steps_counted_per_rank": m["steps_counted_per_rank"]}
-    emit("vllm.dp2.engine_start_seconds", "s", baseline=off["start_seconds"],
-         instrumented=on["start_seconds"],
+    start, rss, runs = m["start_seconds"], m["rss_mib"], m["runs"]
+    step = {k: median(v) for k, v in runs.items()}
+    emit("vllm.dp2.engine_start_seconds", "s", baseline=start["off"], instrumented=start["on"],
          note="AsyncLLM.from_engine_args, DP=2 on CPU (coordinator, 2 engine cores, 2 workers)")
-    emit("vllm.dp2.rss_after_start_mib", "MiB", baseline=off["rss_mib"],
-         instrumented=on["rss_mib"] - off["rss_mib"],
+    emit("vllm.dp2.rss_after_start_mib", "MiB", baseline=rss["off"],
+         instrumented=rss["on"] - rss["off"],
          note="baseline: the whole process tree with the first engine up (front end included); "
               "instrumented: what starting the second engine added (its coordinator, engine "
               "cores and workers)")
-    emit("vllm.dp2.seconds_per_engine_step", "s", baseline=median(off["step_seconds"]),
-         instrumented=median(on["step_seconds"]), rounds=rounds, steps_per_round=max_tokens,
-         baseline_runs=[round(x, 5) for x in off["step_seconds"]],
-         instrumented_runs=[round(x, 5) for x in on["step_seconds"]],
-         steps_counted_per_rank=on["steps_counted_per_rank"],
+    emit("vllm.dp2.seconds_per_engine_step", "s", baseline=step["off"], instrumented=step["on"],
+         rounds=rounds, steps_per_round=max_tokens,
+         baseline_runs=[round(x, 5) for x in runs["off"]],
+         instrumented_runs=[round(x, 5) for x in runs["on"]],
+         steps_counted_per_rank=m["steps_counted_per_rank"],
          goal="no slowdown (ratio ~1 within noise)",
-         paired_ratio_median=median([b / a for a, b in zip(off["step_seconds"],
-                                                           on["step_seconds"])]),
+         paired_ratio_median=median([b / a for a, b in zip(runs["off"], runs["on"])]),
          note="4 requests (2 per rank) x max_tokens decode; round wall time / max_tokens; "
               "baseline = INSTRUMENTED_CORE_TELEMETRY=off; both engines up, rounds alternated")
-    emit("vllm.dp2.added_seconds_per_engine_step", "s",
-         value=median(on["step_seconds"]) - median(off["step_seconds"]),
+    emit("vllm.dp2.added_seconds_per_engine_step", "s", value=step["on"] - step["off"],
          note="instrumented minus baseline median; within noise when near 0")
