@@ -1,26 +1,49 @@
 """From per-rank observations to a verdict that names the culprit rank.
 
 One pure function serves the cluster's hang report (fed from its shared-memory status
-board), ``instrumented-core doctor`` (fed from live ``/metrics``) and the demo's summary, so
-all three always agree on who is stuck.
+board), ``instrumented-core doctor`` (fed from live ``/metrics``) and the demos' summaries, so
+all of them always agree on who is stuck.
+
+Two kinds of waiting are kept apart. A **cross-rank collective** (``sync_dp_state``, the
+resume all-reduce, the DP barrier) needs every rank: a rank outside the one its peers wait in
+is the culprit. An **engine-to-worker call** (a step, ``collective_rpc``) is a rank's engine
+core waiting for its *own* workers: the rank still inside one while its peers have returned is
+the slow one, never its peers. Inside a step, the workers' view (the worker board: the call a
+worker is in, the DP/EP collective of the forward it waits in, its sequence number and its
+heartbeat) tells which rank's workers never reached the collective the others wait in.
 
 Rules, in order:
-- a rank that does not answer is a culprit (dead or wedged), its peers are victims;
-- ranks waiting in *different* collectives for longer than the threshold is a deadlock
-  (#36594: one rank in the barrier, another in a step); the culprits are the ranks inside a
-  step collective although paused (woken by a late START_DP_WAVE), else the smaller group;
-- ranks waiting in one collective while others are not inside it: the others are culprits
-  (they never arrived: stalled), the waiting ranks are victims;
-- with rates from two samples: a rank that hardly waits while its peers mostly wait inside
-  collectives is a straggler (slow);
-- otherwise healthy, pausing (some ranks pending) or paused.
+
+1. a rank that does not answer is a culprit (dead or wedged), its peers are victims;
+2. a rank with a frozen worker (no heartbeat for ``threshold``: stopped, or a C call holding
+   the GIL) while the group has work is a culprit;
+3. ranks waiting in *different* collectives, one of them cross-rank, is a deadlock (#36594:
+   one rank in the barrier, another stepping while its worker waits in a model collective);
+   but a rank inside a step whose workers are *not* in a model collective is simply wedged
+   in its forward: a culprit, and the ranks waiting in the cross-rank collective its victims;
+4. ranks waiting in one cross-rank collective while others are not inside it: the others are
+   culprits (they never arrived), the waiting ranks victims;
+5. with the workers' view: ranks whose workers wait in a model collective while another
+   rank's workers are not inside one (or are behind by sequence number): that rank is the
+   culprit. All ranks' workers in the same collective with no progress: ``wedged`` (the
+   collective network or a peer outside this view), naming the collective;
+6. ranks inside an engine-to-worker call while their peers returned from theirs: those ranks
+   are culprits; all ranks inside a step with no progress: ``wedged``;
+7. work in flight, no progress anywhere, nobody inside anything: ``wedged`` (never healthy);
+8. with rates from two samples: a rank whose workers (or, without workers, whose engine)
+   hardly wait while their peers mostly wait in collectives is a straggler (``slow``), with a
+   straggler score (its wait share over its peers' median; 1.0 keeps pace);
+9. otherwise healthy (idle when no work is in flight anywhere), pausing or paused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-VERDICTS = ("healthy", "pausing", "paused", "stuck", "deadlock", "slow")
+from instrumented_core.telemetry.names import (COLLECTIVE_STEP, CROSS_RANK_COLLECTIVES,
+                                               ENGINE_TO_WORKER_CALLS)
+
+VERDICTS = ("healthy", "pausing", "paused", "stuck", "deadlock", "wedged", "slow")
 
 
 @dataclass(frozen=True)
@@ -34,6 +57,22 @@ class RankView:
     engines_running: bool = False
     wait_fraction: float | None = None  # share of wall time inside collectives, from rates
     steps_until_sync: int | None = None
+    #: requests running + waiting in the rank's scheduler (None: the engine cannot say)
+    requests: int | None = None
+    #: worker records the rank's endpoint showed (0: no view into its workers)
+    workers: int = 0
+    #: the engine-to-worker call its longest-inside worker is in, and for how long
+    worker_call: str | None = None
+    worker_call_seconds: float = 0.0
+    #: the DP/EP model collective ALL its workers wait in (None if any worker is not in one),
+    #: the shortest time among them, and the lowest sequence number among its workers
+    model_collective: str | None = None
+    model_collective_seconds: float = 0.0
+    model_collective_seq: int | None = None
+    #: the oldest heartbeat among its workers, in seconds (a frozen worker's grows)
+    worker_heartbeat_age: float = 0.0
+    #: share of wall time its workers waited inside model collectives, from rates
+    model_wait_fraction: float | None = None
 
 
 @dataclass
@@ -58,6 +97,39 @@ def _ranks(views) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
 
 
+def _worker_where(v: RankView) -> str:
+    """Where a rank's workers are, in words (empty without a worker view)."""
+    if not v.workers:
+        return ""
+    if v.model_collective:
+        return (f"its workers wait in {v.model_collective} #{v.model_collective_seq} for "
+                f"{v.model_collective_seconds:.1f} s")
+    if v.worker_call:
+        return (f"its workers are inside {v.worker_call} for {v.worker_call_seconds:.1f} s, "
+                "in no model collective")
+    return "its workers are outside any call from the engine core"
+
+
+def _detail(v: RankView) -> str:
+    parts = [f"rank {v.rank} ({v.phase})"]
+    if v.collective:
+        parts.append(f"inside {v.collective} for {v.inside_seconds:.1f} s")
+    else:
+        parts.append(f"no progress for {v.progress_age:.1f} s")
+    where = _worker_where(v)
+    if where:
+        parts.append(where)
+    if v.worker_heartbeat_age:
+        parts.append(f"worker heartbeat {v.worker_heartbeat_age:.1f} s old")
+    if v.requests is not None:
+        parts.append(f"{v.requests} requests in flight")
+    return ", ".join(parts)
+
+
+def _has_work(v: RankView) -> bool:
+    return bool(v.engines_running or (v.requests or 0) > 0)
+
+
 def diagnose(views: list[RankView], threshold: float = 2.0) -> Verdict:
     """Verdict for one deployment; ``threshold`` seconds inside a collective means waiting."""
     views = sorted(views, key=lambda v: v.rank)
@@ -69,16 +141,36 @@ def diagnose(views: list[RankView], threshold: float = 2.0) -> Verdict:
                        f"{_ranks(dead)} unreachable (dead or wedged); {len(victims)} of "
                        f"{len(views)} ranks answer",
                        [f"rank {v.rank}: no answer from its metrics endpoint" for v in dead])
+    if not live:
+        return Verdict("healthy", summary="no ranks")
+
+    busy = any(_has_work(v) for v in live)
+    frozen = [v for v in live if v.workers and v.worker_heartbeat_age >= threshold]
+    if frozen and busy:
+        others = [v for v in live if v not in frozen]
+        what = "; ".join(
+            f"rank {v.rank} ({v.phase}): a worker frozen for {v.worker_heartbeat_age:.1f} s "
+            f"(no heartbeat: stopped, or a call holding the GIL)"
+            + (f"; {_worker_where(v)}" if _worker_where(v) else "") for v in frozen)
+        return Verdict("stuck", [v.rank for v in frozen], [v.rank for v in others],
+                       what, [_detail(v) for v in live])
 
     waiting = [v for v in live if v.collective and v.inside_seconds >= threshold]
-    if waiting:
+    cross = [v for v in waiting if v.collective in CROSS_RANK_COLLECTIVES]
+    calls = [v for v in waiting if v.collective in ENGINE_TO_WORKER_CALLS]
+    details = [_detail(v) for v in waiting]
+
+    if cross:
         groups: dict[str, list[RankView]] = {}
         for v in waiting:
             groups.setdefault(v.collective, []).append(v)
-        details = [f"rank {v.rank} ({v.phase}) inside {v.collective} for {v.inside_seconds:.1f} s"
-                   for v in waiting]
         if len(groups) > 1:
-            culprits = [v for v in groups.get("step", []) if v.phase != "running"]
+            # A step whose workers are not in a model collective is a rank wedged in its
+            # forward (its peers wait for it in the cross-rank collective), not a mismatch.
+            wedged_steps = [v for v in calls if v.workers and v.model_collective is None]
+            if wedged_steps and len(wedged_steps) == len(calls):
+                return _culprits_inside_calls(wedged_steps, cross, details)
+            culprits = [v for v in groups.get(COLLECTIVE_STEP, []) if v.phase != "running"]
             if not culprits:
                 culprits = min(groups.values(), key=len)
             victims = [v.rank for v in waiting if v not in culprits]
@@ -89,28 +181,48 @@ def diagnose(views: list[RankView], threshold: float = 2.0) -> Verdict:
         absent = [v for v in live if v not in inside]
         if absent:
             longest = max(v.inside_seconds for v in inside)
-            stalled = ", ".join(
-                f"rank {v.rank} ({v.phase}, no progress for {v.progress_age:.1f} s)"
-                for v in absent)
+            stalled = "; ".join(_absent_phrase(v) for v in absent)
             return Verdict("stuck", [v.rank for v in absent], [v.rank for v in inside],
                            f"{stalled} never entered {collective}; {_ranks(inside)} waiting "
                            f"inside it for up to {longest:.1f} s", details)
         return Verdict("stuck", [], [v.rank for v in inside],
                        f"all ranks inside {collective} for over {threshold:.0f} s", details)
 
-    rated = [v for v in live if v.wait_fraction is not None and v.engines_running]
-    if len(rated) >= 2:
-        slowest = min(rated, key=lambda v: v.wait_fraction)
-        others = sorted(v.wait_fraction for v in rated if v is not slowest)
-        median = others[len(others) // 2]
-        # a rank that stopped progressing is not slow but (about to be) stuck: wait for it
-        # to cross the waiting threshold instead of calling it a straggler
-        if (median >= 0.5 and slowest.wait_fraction <= median / 2
-                and slowest.progress_age < min(threshold / 2, 0.25)):
-            return Verdict("slow", [slowest.rank], [v.rank for v in rated if v is not slowest],
-                           f"rank {slowest.rank} is a straggler: it waits "
-                           f"{slowest.wait_fraction:.0%} of the time in collectives while its "
-                           f"peers wait {median:.0%}")
+    verdict = _inside_the_forward(live, threshold)
+    if verdict is not None:
+        return verdict
+
+    if calls:
+        by_call: dict[str, list[RankView]] = {}
+        for v in calls:
+            by_call.setdefault(v.collective, []).append(v)
+        for call, inside in by_call.items():
+            returned = [v for v in live if v.collective != call]
+            if returned:
+                return _culprits_inside_calls(inside, returned, [_detail(v) for v in live])
+        call, inside = next(iter(by_call.items()))
+        longest = max(v.inside_seconds for v in inside)
+        if call == COLLECTIVE_STEP and all(v.progress_age >= threshold for v in live):
+            return Verdict("wedged", [], [],
+                           f"wedged: all {len(live)} ranks inside step for up to "
+                           f"{longest:.1f} s with no progress; no model collective visible"
+                           f"{_in_flight(live)}", [_detail(v) for v in live])
+        return Verdict("stuck", [], [v.rank for v in inside],
+                       f"all ranks inside {call} for over {threshold:.0f} s (up to "
+                       f"{longest:.1f} s: a long call such as a weight load, or a hang inside "
+                       "it)", details)
+
+    if busy and all(v.progress_age >= threshold for v in live) and any(
+            (v.requests or 0) > 0 and v.phase != "paused" for v in live):
+        oldest = min(v.progress_age for v in live)
+        return Verdict("wedged", [], [],
+                       f"wedged: no progress on any rank for {oldest:.1f} s with work in flight"
+                       f"{_in_flight(live)}; no collective visible",
+                       [_detail(v) for v in live])
+
+    slow = _straggler(live, threshold)
+    if slow is not None:
+        return slow
 
     pending = [v for v in live if v.phase == "pending_pause"]
     paused = [v for v in live if v.phase == "paused"]
@@ -122,4 +234,109 @@ def diagnose(views: list[RankView], threshold: float = 2.0) -> Verdict:
                        f"pending{tail}")
     if paused and len(paused) == len(live):
         return Verdict("paused", summary=f"paused: all {len(live)} ranks reached consensus")
-    return Verdict("healthy", summary=f"healthy: {len(live)} ranks")
+    if not busy and all(v.requests is not None for v in live):
+        return Verdict("healthy", summary=f"healthy: {len(live)} ranks, idle (no requests in "
+                       "flight)")
+    return Verdict("healthy", summary=f"healthy: {len(live)} ranks{_in_flight(live)}")
+
+
+def _in_flight(live: list[RankView]) -> str:
+    known = [v.requests for v in live if v.requests is not None]
+    return f", {sum(known)} requests in flight" if known else ""
+
+
+def _absent_phrase(v: RankView) -> str:
+    if v.collective in ENGINE_TO_WORKER_CALLS and v.inside_seconds:
+        where = _worker_where(v)
+        return (f"rank {v.rank} ({v.phase}, inside {v.collective} for {v.inside_seconds:.1f} s"
+                + (f"; {where}" if where else "") + ")")
+    return f"rank {v.rank} ({v.phase}, no progress for {v.progress_age:.1f} s)"
+
+
+def _culprits_inside_calls(inside: list[RankView], others: list[RankView],
+                           details: list[str]) -> Verdict:
+    """Ranks still inside a call to their own workers while the others returned."""
+    phrases = []
+    for v in inside:
+        where = _worker_where(v)
+        phrases.append(f"rank {v.rank} ({v.phase}) still inside {v.collective} after "
+                       f"{v.inside_seconds:.1f} s" + (f" ({where})" if where else
+                                                      " (its workers have not returned)"))
+    waiting = [v for v in others if v.collective in CROSS_RANK_COLLECTIVES]
+    tail = (f"; {_ranks(waiting)} waiting for it in {waiting[0].collective}" if waiting
+            else f"; {_ranks(others)} returned from theirs")
+    return Verdict("stuck", [v.rank for v in inside], [v.rank for v in waiting],
+                   "; ".join(phrases) + tail, details)
+
+
+def _inside_the_forward(live: list[RankView], threshold: float) -> Verdict | None:
+    """Rule 5: the workers' view inside a step (every rank must have workers on the board)."""
+    if not all(v.workers for v in live):
+        return None
+    in_coll = [v for v in live if v.model_collective and v.model_collective_seconds >= threshold]
+    if not in_coll:
+        return None
+    details = [_detail(v) for v in live]
+    outside = [v for v in live if v not in in_coll]
+    coll = max(in_coll, key=lambda v: v.model_collective_seconds)
+    name = f"{coll.model_collective} #{coll.model_collective_seq}"
+    if outside:
+        phrases = []
+        for v in outside:
+            if v.model_collective:
+                where = (f"only entered {v.model_collective} #{v.model_collective_seq} "
+                         f"{v.model_collective_seconds:.1f} s ago")
+            elif v.worker_call:
+                where = f"inside {v.worker_call} for {v.worker_call_seconds:.1f} s"
+            else:
+                where = "stopped outside any call from its engine core"
+                if v.collective == COLLECTIVE_STEP:
+                    where += f" (engine inside step for {v.inside_seconds:.1f} s)"
+            phrases.append(f"rank {v.rank} ({v.phase}): its worker is not in the model "
+                           f"collective its peers wait in; {where}")
+        return Verdict("stuck", [v.rank for v in outside], [v.rank for v in in_coll],
+                       "; ".join(phrases) + f"; {_ranks(in_coll)} waiting in {name} for up to "
+                       f"{coll.model_collective_seconds:.1f} s", details)
+    seqs = {v.model_collective_seq for v in in_coll}
+    if len(seqs) > 1:
+        low = min(s for s in seqs if s is not None)
+        behind = [v for v in in_coll if v.model_collective_seq == low]
+        ahead = [v for v in in_coll if v not in behind]
+        lead = max(ahead, key=lambda v: v.model_collective_seq or 0)
+        return Verdict("stuck", [v.rank for v in behind], [v.rank for v in ahead],
+                       f"{_ranks(behind)} behind: its workers are still in "
+                       f"{behind[0].model_collective} #{low} while {_ranks(ahead)} wait in "
+                       f"{lead.model_collective} #{lead.model_collective_seq}", details)
+    if all(v.progress_age >= threshold for v in live):
+        shortest = min(v.model_collective_seconds for v in in_coll)
+        return Verdict("wedged", [], [],
+                       f"wedged: all {len(live)} ranks' workers inside {name} for "
+                       f"{shortest:.1f} s with no progress: the collective network or a peer "
+                       f"outside this view{_in_flight(live)}", details)
+    return None
+
+
+def _straggler(live: list[RankView], threshold: float) -> Verdict | None:
+    """Rule 8: the rank that waits least while its peers mostly wait."""
+    with_workers = [v for v in live if v.model_wait_fraction is not None and _has_work(v)]
+    if len(with_workers) >= 2 and len(with_workers) == len(live):
+        rated = [(v, v.model_wait_fraction) for v in with_workers]
+        where, floor, max_age = "its workers wait", 0.3, threshold
+    else:
+        rated = [(v, v.wait_fraction) for v in live
+                 if v.wait_fraction is not None and v.engines_running]
+        # a rank that stopped progressing is not slow but (about to be) stuck: wait for it
+        # to cross the waiting threshold instead of calling it a straggler
+        where, floor, max_age = "it waits", 0.5, min(threshold / 2, 0.25)
+    if len(rated) < 2:
+        return None
+    slowest, low = min(rated, key=lambda r: r[1])
+    others = sorted(f for v, f in rated if v is not slowest)
+    median = others[len(others) // 2]
+    if median >= floor and low <= median / 2 and slowest.progress_age < max_age:
+        score = low / median if median else 1.0
+        return Verdict("slow", [slowest.rank], [v.rank for v, _ in rated if v is not slowest],
+                       f"rank {slowest.rank} is a straggler: {where} {low:.0%} of the time in "
+                       f"collectives while its peers wait {median:.0%} (straggler score "
+                       f"{score:.2f}; 1.0 keeps pace)")
+    return None

@@ -27,7 +27,10 @@ WAIT_COLLECTIVES = ("step", n.COLLECTIVE_SYNC)
 #: before parsing, which is most of a scrape's client-side cost at 64+ ranks.
 DIAGNOSIS_SERIES = frozenset({
     n.PHASE, n.ENGINES_RUNNING, n.STEPS_UNTIL_SYNC, n.DP_SIZE, n.COLLECTIVE_INSIDE,
-    n.LAST_PROGRESS, n.COLLECTIVE_WAIT + "_total",
+    n.LAST_PROGRESS, n.COLLECTIVE_WAIT + "_total", n.REQUESTS_RUNNING, n.REQUESTS_WAITING,
+    n.WORKER_CALL_INSIDE, n.WORKER_MODEL_COLLECTIVE_INSIDE, n.WORKER_HEARTBEAT_AGE,
+    n.WORKER_MODEL_COLLECTIVES + "_total", n.WORKER_MODEL_COLLECTIVE_SECONDS + "_total",
+    n.WORKER_POSITION + "_info",
 })
 
 
@@ -46,6 +49,26 @@ class RankSample:
             if series == name and want <= label_set:
                 return value
         return default
+
+    def by_label(self, name: str, label: str) -> dict[str, float]:
+        """``{label value: value}`` of every series ``name`` (e.g. per worker)."""
+        out: dict[str, float] = {}
+        for (series, label_set), value in self.values.items():
+            if series == name:
+                key = dict(label_set).get(label)
+                if key is not None:
+                    out[key] = value
+        return out
+
+    def labels_of(self, name: str, label: str) -> dict[str, dict[str, str]]:
+        """``{label value: all labels}`` of every series ``name`` (info metrics)."""
+        out: dict[str, dict[str, str]] = {}
+        for (series, label_set) in self.values:
+            if series == name:
+                labels = dict(label_set)
+                if label in labels:
+                    out[labels[label]] = labels
+        return out
 
     def sum(self, name: str, **labels: str) -> float:
         want = set(labels.items())
@@ -116,6 +139,9 @@ def to_view(sample: RankSample, rank: int, previous: RankSample | None = None) -
         if elapsed > 0:
             wait_fraction = max(0.0, min(1.0, waited / elapsed))
     until = sample.get(n.STEPS_UNTIL_SYNC)
+    running, waiting = sample.get(n.REQUESTS_RUNNING), sample.get(n.REQUESTS_WAITING)
+    requests = (int(running + waiting) if running is not None and waiting is not None
+                and running == running and waiting == waiting else None)  # NaN: unknown
     return RankView(
         rank=rank,
         reachable=True,
@@ -126,7 +152,47 @@ def to_view(sample: RankSample, rank: int, previous: RankSample | None = None) -
         engines_running=bool(sample.get(n.ENGINES_RUNNING, 0)),
         wait_fraction=wait_fraction,
         steps_until_sync=int(until) if until is not None else None,
+        requests=requests,
+        **_worker_fields(sample, previous),
     )
+
+
+def _worker_fields(sample: RankSample, previous: RankSample | None) -> dict:
+    """The rank's workers, from the worker-board series of its endpoint (none: no fields)."""
+    call_inside = sample.by_label(n.WORKER_CALL_INSIDE, n.LABEL_WORKER)
+    if not call_inside:
+        return {}
+    coll_inside = sample.by_label(n.WORKER_MODEL_COLLECTIVE_INSIDE, n.LABEL_WORKER)
+    seqs = sample.by_label(n.WORKER_MODEL_COLLECTIVES + "_total", n.LABEL_WORKER)
+    heartbeat = sample.by_label(n.WORKER_HEARTBEAT_AGE, n.LABEL_WORKER)
+    position = sample.labels_of(n.WORKER_POSITION + "_info", n.LABEL_WORKER)
+    workers = sorted(call_inside)
+    longest = max(workers, key=lambda w: call_inside[w])
+    call = position.get(longest, {}).get(n.LABEL_CALL, "none")
+    fields: dict = {
+        "workers": len(workers),
+        "worker_call": call if call != "none" and call_inside[longest] > 0 else None,
+        "worker_call_seconds": call_inside[longest],
+        "worker_heartbeat_age": max(heartbeat.get(w, 0.0) for w in workers),
+        "model_collective_seq": int(min(seqs.get(w, 0.0) for w in workers)),
+    }
+    if all(coll_inside.get(w, 0.0) > 0 for w in workers):
+        first = min(workers, key=lambda w: coll_inside[w])
+        fields["model_collective"] = position.get(first, {}).get(n.LABEL_COLLECTIVE) or "?"
+        fields["model_collective_seconds"] = coll_inside[first]
+    if previous is not None and previous.reachable:
+        elapsed = sample.fetched_at - previous.fetched_at
+        name = n.WORKER_MODEL_COLLECTIVE_SECONDS + "_total"
+        now, before = sample.by_label(name, n.LABEL_WORKER), previous.by_label(name, n.LABEL_WORKER)
+        if elapsed > 0 and before:
+            shares = []
+            for w in workers:
+                waited = now.get(w, 0.0) - before.get(w, 0.0)
+                # waiting right now has not been banked yet
+                waited += min(coll_inside.get(w, 0.0), elapsed)
+                shares.append(max(0.0, min(1.0, waited / elapsed)))
+            fields["model_wait_fraction"] = max(shares)
+    return fields
 
 
 def prometheus_samples(base_url: str, timeout: float = 2.0,

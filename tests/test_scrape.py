@@ -14,6 +14,8 @@ from instrumented_core.diagnosis import diagnose
 from instrumented_core.protocol import PauseStateMachine
 from instrumented_core.scrape import DIAGNOSIS_SERIES, scrape, scrape_all, to_view
 from instrumented_core.telemetry import names as n
+from instrumented_core.telemetry.worker_board import (CALL_CODES, COLLECTIVE_CODES,
+                                                      ENV_BOARD_DIR, BoardWriter)
 from instrumented_core.telemetry.metrics import RankMetrics
 from instrumented_core.telemetry.probe import TelemetryProbe
 from instrumented_core.telemetry.server import MetricsServer
@@ -27,12 +29,17 @@ def _ranks(count: int):
     for r in range(count):
         reg = CollectorRegistry()
         probe = TelemetryProbe(r, count, RankMetrics(reg, r, "m", INFO), None, model_name="m")
-        PauseStateMachine(r, count, 16, probe=probe)
+        sm = PauseStateMachine(r, count, 16, probe=probe)
+        sm.request_counts = lambda: (2, 1)  # what the engine's scheduler holds
         out.append((reg, probe))
     return out
 
 
-def test_filtered_scrape_equals_the_full_scrape_on_the_doctors_series():
+def test_filtered_scrape_equals_the_full_scrape_on_the_doctors_series(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_BOARD_DIR, str(tmp_path))
+    worker = BoardWriter(0)  # a worker of this process: both ranks' endpoints show it
+    worker.call_enter(CALL_CODES["execute_model"])
+    worker.collective_enter(COLLECTIVE_CODES["all_gatherv"])
     ranks = _ranks(2)
     servers = [MetricsServer(reg, "127.0.0.1", 0, r) for r, (reg, _) in enumerate(ranks)]
     try:
@@ -46,9 +53,10 @@ def test_filtered_scrape_equals_the_full_scrape_on_the_doctors_series():
             wanted = {k: v for k, v in full.values.items() if k[0] in DIAGNOSIS_SERIES}
             assert {k[0] for k in wanted} == DIAGNOSIS_SERIES  # every series is exported
             # inside-seconds grows between the two scrapes; everything else is frozen
-            grows = n.COLLECTIVE_INSIDE
-            assert {k: v for k, v in part.values.items() if k[0] != grows} == \
-                {k: v for k, v in wanted.items() if k[0] != grows}
+            grows = {n.COLLECTIVE_INSIDE, n.WORKER_CALL_INSIDE, n.WORKER_MODEL_COLLECTIVE_INSIDE,
+                     n.WORKER_HEARTBEAT_AGE}
+            assert {k: v for k, v in part.values.items() if k[0] not in grows} == \
+                {k: v for k, v in wanted.items() if k[0] not in grows}
             assert {k for k in part.values} == set(wanted)
             assert len(part.values) < len(full.values) / 4
         samples = scrape_all([s.url for s in servers], only=DIAGNOSIS_SERIES)
@@ -57,3 +65,4 @@ def test_filtered_scrape_equals_the_full_scrape_on_the_doctors_series():
     finally:
         for server in servers:
             server.close()
+        worker.close()

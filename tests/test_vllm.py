@@ -238,10 +238,10 @@ def _fake_vllm(version: str = "0.32.0", drop: str | None = None, flavour: str = 
     class EngineCoreRequestType(enum.Enum):
         START_DP_WAVE = b"\x02"
 
-    body = {name: (lambda self, *a, **k: None) for name in (
-        "run_busy_loop", "_has_global_unfinished_reqs", "_handle_client_request",
-        "pause_scheduler", "resume_scheduler", "execute_dummy_batch", "barrier",
-        "collective_rpc", "_pause_complete", "is_scheduler_paused")}
+    from instrumented_core.vllm_support import contract
+
+    body = {name: (lambda self, *a, **k: None)
+            for name in contract.ENGINE_METHODS + contract.ENGINE_REQUIRED_ONLY}
     body.pop(drop, None)
     engine_cls = type("DPEngineCoreProc", (), body)
 

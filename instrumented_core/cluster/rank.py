@@ -45,6 +45,9 @@ class RankEngine:
         self.scheduler = Scheduler(config.max_running)
         self.sm = PauseStateMachine(rank, config.ranks, config.sync_interval, config.protocol,
                                     config.cadence, probe)
+        # work in flight, read by the metrics thread at scrape time
+        self.sm.request_counts = lambda: (len(self.scheduler.running),
+                                          len(self.scheduler.waiting))
         self.idle_callbacks: list[Callable[[], None]] = []
         self.fault = "none"
         self.failed = False

@@ -17,10 +17,11 @@ import time
 from typing import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from instrumented_core.telemetry import names as n
+from instrumented_core.telemetry.worker_board import read_board
 
 SYNC_WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                      0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -68,6 +69,12 @@ class RankMetrics:
         self.pending_since = gauge(n.PAUSE_PENDING_SINCE, "Unix time in seconds at which the "
                                    "current pending pause began, 0 when not pending.").labels(
             **labels)
+        self.requests_running = gauge(
+            n.REQUESTS_RUNNING, "Requests (count) this rank's scheduler is running now (work in "
+            "flight; read at scrape time).").labels(**labels)
+        self.requests_waiting = gauge(
+            n.REQUESTS_WAITING, "Requests (count) waiting in this rank's scheduler now (read at "
+            "scrape time).").labels(**labels)
 
         self.sync_rounds = counter(n.SYNC_ROUNDS, "sync_dp_state all-reduce rounds (count) "
                                    "completed by this rank.").labels(**labels)
@@ -106,6 +113,7 @@ class RankMetrics:
              registry=registry).labels(**labels).info(dict(info or {}))
         self.hot = HotPathState()
         registry.register(HotPathCollector(self.hot, labels))
+        registry.register(WorkerBoardCollector(labels))
 
 
 class HotPathState:
@@ -170,3 +178,62 @@ class HotPathCollector(Collector):
         yield since
         yield inside
         yield wait
+
+
+class WorkerBoardCollector(Collector):
+    """Exposes this rank's workers' positions from the worker board (see
+    :mod:`~instrumented_core.telemetry.worker_board`), read at scrape time: the engine core's
+    endpoint shows where each worker is even when the worker is stopped or wedged. No worker
+    records (the CPU cluster without workers, a single-process executor): no series."""
+
+    def __init__(self, labels: Mapping[str, str], owner_pid: int | None = None) -> None:
+        self.label_names = [*labels, n.LABEL_WORKER]
+        self.label_values = list(labels.values())
+        self.owner_pid = owner_pid
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        positions = read_board(self.owner_pid)
+        if not positions:
+            return
+        now = time.time()
+        names, values = self.label_names, self.label_values
+        call_inside = GaugeMetricFamily(
+            n.WORKER_CALL_INSIDE, "Seconds this worker has been inside the current call from "
+            "its engine core (execute_model, a collective_rpc, ...), 0 when not inside one.",
+            labels=names)
+        coll_inside = GaugeMetricFamily(
+            n.WORKER_MODEL_COLLECTIVE_INSIDE, "Seconds this worker has been inside the current "
+            "DP/EP collective of the forward, 0 when not inside one.", labels=names)
+        heartbeat = GaugeMetricFamily(
+            n.WORKER_HEARTBEAT_AGE, "Seconds since this worker's heartbeat thread last wrote; "
+            "grows only when the whole process is frozen (stopped, or a C call holding the "
+            "GIL), not while it waits in a collective.", labels=names)
+        calls = CounterMetricFamily(n.WORKER_CALLS_TOTAL, "Calls (count) from the engine core "
+                                    "this worker completed.", labels=names)
+        call_seconds = CounterMetricFamily(n.WORKER_CALL_SECONDS, "Seconds this worker spent "
+                                           "inside calls from its engine core.", labels=names)
+        colls = CounterMetricFamily(
+            n.WORKER_MODEL_COLLECTIVES, "DP/EP model collectives (count) this worker entered: "
+            "its collective sequence number.", labels=names)
+        coll_seconds = CounterMetricFamily(
+            n.WORKER_MODEL_COLLECTIVE_SECONDS, "Seconds this worker spent inside DP/EP model "
+            "collectives (a straggler's peers wait longest).", labels=names)
+        position = InfoMetricFamily(
+            n.WORKER_POSITION, "Where this worker is now: the call from its engine core and "
+            "the model collective it is inside (empty: none).",
+            labels=names)
+        for p in positions:
+            key = [*values, str(p.worker)]
+            call_inside.add_metric(key, p.call_inside(now))
+            coll_inside.add_metric(key, p.collective_inside(now))
+            heartbeat.add_metric(key, p.heartbeat_age(now))
+            calls.add_metric(key, p.calls)
+            call_seconds.add_metric(key, p.call_seconds)
+            colls.add_metric(key, p.collectives)
+            coll_seconds.add_metric(key, p.collective_seconds)
+            position.add_metric(key, {n.LABEL_CALL: p.call or "none",
+                                      n.LABEL_COLLECTIVE: p.collective or "none"})
+        yield from (call_inside, coll_inside, heartbeat, calls, call_seconds, colls, coll_seconds, position)

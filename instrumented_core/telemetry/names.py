@@ -21,6 +21,8 @@ LABEL_OUTCOME = "outcome"  # START_DP_WAVE / request outcome
 LABEL_COLLECTIVE = "collective"  # which collective a rank is inside
 LABEL_SIGNAL = "signal"  # telemetry signal that dropped data
 LABEL_CADENCE = "cadence"  # sync cadence: fixed | adaptive
+LABEL_WORKER = "worker"  # a rank's worker process, by its rank among the engine's workers
+LABEL_CALL = "call"  # the engine-to-worker call a worker is in (execute_model, ...)
 
 BASE_LABELS = (LABEL_ENGINE, LABEL_MODEL_NAME)
 
@@ -37,6 +39,13 @@ COLLECTIVE_INSIDE_SINCE = "vllm_dp_collective_inside_since_timestamp_seconds"
 COLLECTIVE_INSIDE = "vllm_dp_collective_inside_seconds"
 LAST_PROGRESS = "vllm_dp_last_progress_timestamp_seconds"
 PAUSE_PENDING_SINCE = "vllm_dp_pause_pending_since_timestamp_seconds"
+REQUESTS_RUNNING = "vllm_dp_requests_running"  # work in flight, read at scrape time
+REQUESTS_WAITING = "vllm_dp_requests_waiting"
+# A rank's workers (the processes that run the forward), read from the worker board.
+WORKER_CALL_INSIDE = "vllm_dp_worker_call_inside_seconds"
+WORKER_MODEL_COLLECTIVE_INSIDE = "vllm_dp_worker_model_collective_inside_seconds"
+WORKER_HEARTBEAT_AGE = "vllm_dp_worker_heartbeat_age_seconds"  # frozen process: grows
+WORKER_POSITION = "vllm_dp_worker_position"  # exposed as vllm_dp_worker_position_info
 # Counters (exposed with a `_total` suffix)
 STEPS = "vllm_dp_steps"
 SYNC_ROUNDS = "vllm_dp_sync_rounds"
@@ -48,6 +57,10 @@ START_DP_WAVE = "vllm_dp_start_dp_wave"
 REQUESTS_FINISHED = "vllm_dp_requests_finished"
 COLLECTIVE_WAIT = "vllm_dp_collective_wait_seconds"
 TELEMETRY_DROPPED = "vllm_dp_telemetry_dropped"
+WORKER_CALLS_TOTAL = "vllm_dp_worker_calls"  # engine-to-worker calls completed
+WORKER_CALL_SECONDS = "vllm_dp_worker_call_seconds"  # seconds inside them
+WORKER_MODEL_COLLECTIVES = "vllm_dp_worker_model_collectives"  # entered: the sequence number
+WORKER_MODEL_COLLECTIVE_SECONDS = "vllm_dp_worker_model_collective_seconds"
 # Histograms
 SYNC_WAIT = "vllm_dp_sync_wait_seconds"
 PAUSE_CONSENSUS_LATENCY = "vllm_dp_pause_consensus_latency_seconds"
@@ -67,7 +80,21 @@ PAUSE_MODES = ("abort", "wait", "keep")
 WAVE_OUTCOMES = ("acted", "ignored", "stale", "excluded")
 REQUEST_OUTCOMES = ("completed", "aborted")
 COLLECTIVE_SYNC = "sync_dp_state"
-COLLECTIVES = (COLLECTIVE_SYNC, "step", "barrier", "collective_rpc", "resume")
+COLLECTIVE_STEP = "step"
+COLLECTIVE_RPC = "collective_rpc"
+COLLECTIVES = (COLLECTIVE_SYNC, COLLECTIVE_STEP, "barrier", COLLECTIVE_RPC, "resume")
+#: Collectives across DP ranks: every rank must enter them, so a rank outside one that its
+#: peers wait in is the culprit.
+CROSS_RANK_COLLECTIVES = (COLLECTIVE_SYNC, "barrier", "resume")
+#: Calls from a rank's engine core to its OWN workers: the rank still inside one while its
+#: peers have returned from theirs is the slow one (never its peers).
+ENGINE_TO_WORKER_CALLS = (COLLECTIVE_STEP, COLLECTIVE_RPC)
+#: What a worker can be inside (``call`` label / worker board codes; "" = nothing).
+WORKER_CALL_NAMES = ("execute_model", "sample_tokens", "execute_dummy_batch", "rpc")
+#: DP/EP collectives of the forward a worker can be inside (the MoE dispatch/combine
+#: primitives, vLLM's DP batch coordination all-reduce).
+MODEL_COLLECTIVE_NAMES = ("all_gatherv", "reduce_scatterv", "all_reduce", "all_gather",
+                          "reduce_scatter", "dispatch", "combine", "dp_coordinate")
 SIGNALS = ("spans",)
 CADENCES = ("fixed", "adaptive")
 
@@ -83,8 +110,11 @@ SUFFIXED_COUNTERS = tuple(
         START_DP_WAVE,
         REQUESTS_FINISHED,
         TELEMETRY_DROPPED,
+        WORKER_CALLS_TOTAL,
+        WORKER_MODEL_COLLECTIVES,
     )
-) + (COLLECTIVE_WAIT + "_total",)
+) + (COLLECTIVE_WAIT + "_total", WORKER_CALL_SECONDS + "_total",
+     WORKER_MODEL_COLLECTIVE_SECONDS + "_total")
 HISTOGRAMS = (SYNC_WAIT, PAUSE_CONSENSUS_LATENCY, PAUSE_CONSENSUS_STEPS)
 GAUGES = (
     PHASE,
@@ -99,12 +129,17 @@ GAUGES = (
     COLLECTIVE_INSIDE,
     LAST_PROGRESS,
     PAUSE_PENDING_SINCE,
+    REQUESTS_RUNNING,
+    REQUESTS_WAITING,
+    WORKER_CALL_INSIDE,
+    WORKER_MODEL_COLLECTIVE_INSIDE,
+    WORKER_HEARTBEAT_AGE,
 )
 
 
 def exposed_series_names() -> frozenset[str]:
     """Every series name a scrape can contain (histograms with their suffixes)."""
-    names = set(GAUGES) | set(SUFFIXED_COUNTERS) | {INFO + "_info"}
+    names = set(GAUGES) | set(SUFFIXED_COUNTERS) | {INFO + "_info", WORKER_POSITION + "_info"}
     for h in HISTOGRAMS:
         names |= {h + "_bucket", h + "_sum", h + "_count"}
     return frozenset(names)

@@ -67,6 +67,18 @@ class Probe:
 
 NULL_PROBE = Probe()
 
+_UNKNOWN_COUNTS = (float("nan"), float("nan"))
+
+
+def _request_counts(state: Any) -> tuple[float, float]:
+    """``state.request_counts()`` as floats, NaN when the engine cannot say (a scrape must
+    never fail because of one gauge, and an unknown count must not read as 0 = idle)."""
+    try:
+        running, waiting = state.request_counts()
+        return float(running), float(waiting)
+    except Exception:  # noqa: BLE001
+        return _UNKNOWN_COUNTS
+
 
 def _guarded(method):
     @functools.wraps(method)
@@ -139,6 +151,8 @@ class TelemetryProbe(Probe):
             lambda: 1.0 if getattr(state, "fast_sync", False) else float(state.sync_interval))
         m.steps_until_sync.set_function(lambda: float(steps_until_sync(
             state.step_counter, state.sync_interval, getattr(state, "fast_sync", False))))
+        m.requests_running.set_function(lambda: _request_counts(state)[0])
+        m.requests_waiting.set_function(lambda: _request_counts(state)[1])
 
     def _span_attrs(self) -> dict:
         return {n.ATTR_RANK: self.rank, n.ATTR_DP_SIZE: self.dp_size,

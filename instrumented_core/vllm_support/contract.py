@@ -48,6 +48,8 @@ ENGINE_METHODS = (
     "pause_scheduler",  # pause requested (mode) -> pending
     "resume_scheduler",  # resume (and its DP all-reduce)
     "execute_dummy_batch",  # dummy vs real steps
+    "step",  # a real step: the engine core waiting for its workers' forward
+    "step_with_batch_queue",  # the same with the batch queue (pipeline / async scheduling)
     "barrier",  # test-only DP barrier utility (a collective)
     "collective_rpc",  # RPC fanned out to the workers
 )

@@ -21,6 +21,9 @@ spawn and Ray; the class is never swapped):
 ``.pause_scheduler``                   pause requested (mode) and the phase it leads to
 ``.resume_scheduler``                  resume (and its DP all-reduce, as collective "resume")
 ``.execute_dummy_batch``               a dummy step; time inside as collective "step"
+``.step`` / ``.step_with_batch_queue``  a real step (schedule, wait for the workers' forward):
+                                       time inside as "step", whichever one the release's
+                                       ``step_fn`` is (plain, batch queue, async scheduling)
 ``.barrier`` / ``.collective_rpc``     time inside, as collectives "barrier", "collective_rpc"
 =====================================  ====================================================
 
@@ -48,6 +51,7 @@ import time
 from typing import Any, Callable, Collection
 
 from instrumented_core.protocol import PAUSE_MODES, Phase, SyncResult, decode_sync_state, phase_of
+from instrumented_core.telemetry.worker_board import remove_board_files
 from instrumented_core.vllm_support import contract
 
 __all__ = ["VllmDpInstrumentor", "EngineObserver"]
@@ -62,6 +66,8 @@ COLLECTIVE_BARRIER = "barrier"
 COLLECTIVE_RPC = "collective_rpc"
 COLLECTIVE_RESUME = "resume"
 COLLECTIVE_STEP = "step"
+#: The engine-step methods; ``EngineCore.__init__`` binds one of them as ``step_fn``.
+STEP_METHODS = ("step", "step_with_batch_queue")
 
 _tls = threading.local()
 
@@ -83,6 +89,15 @@ class _StateView:
     step_counter = property(lambda self: self._engine.step_counter)
     sync_interval = property(lambda self: self._engine.dp_sync_interval)
     sync_rounds = property(lambda self: self._observer.sync_rounds)
+
+    def request_counts(self) -> tuple[int, int]:
+        """(running, waiting) in this rank's scheduler, read by the metrics thread."""
+        scheduler = self._engine.scheduler
+        counts = getattr(scheduler, "get_request_counts", None)
+        if counts is not None:
+            running, waiting = counts()
+            return int(running), int(waiting)
+        return len(scheduler.running), len(scheduler.waiting)
 
 
 class EngineObserver:
@@ -159,6 +174,7 @@ def _wrap_run_busy_loop(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
                 try:
                     self.__dict__.pop(_OBSERVER_ATTR, None)
                     obs.close()
+                    remove_board_files()  # this engine's workers' records
                 except Exception:  # noqa: BLE001
                     _log_once("close", "instrumented_core: closing telemetry failed")
 
@@ -210,6 +226,26 @@ def _wrap_execute_dummy_batch(orig: Callable, inst: "VllmDpInstrumentor") -> Cal
             obs.probe.collective_end(COLLECTIVE_STEP, time.perf_counter() - started)
 
     return execute_dummy_batch
+
+
+def _wrap_step(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
+    @functools.wraps(orig)
+    def step(self, *args, **kwargs):
+        obs = _observer(self)
+        if obs is None:
+            return orig(self, *args, **kwargs)
+        # The engine core waits here for its workers' forward: a rank wedged in the model
+        # reads as "inside step" with a growing time, never as idle.
+        probe = obs.probe
+        probe.collective_begin(COLLECTIVE_STEP)
+        started = time.perf_counter()
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            probe.collective_end(COLLECTIVE_STEP, time.perf_counter() - started)
+
+    step.__dict__[_WRAPPED_MARK] = True
+    return step
 
 
 def _wrap_handle_client_request(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
@@ -416,6 +452,8 @@ _ENGINE_WRAPPERS: dict[str, Callable] = {
     "pause_scheduler": _wrap_pause_scheduler,
     "resume_scheduler": _wrap_resume_scheduler,
     "execute_dummy_batch": _wrap_execute_dummy_batch,
+    "step": _wrap_step,
+    "step_with_batch_queue": _wrap_step,
     "barrier": _wrap_collective(COLLECTIVE_BARRIER),
     "collective_rpc": _wrap_collective(COLLECTIVE_RPC),
 }
@@ -559,6 +597,7 @@ class VllmDpInstrumentor:
                 probe, closeable = self._start_rank_telemetry(engine, info)
             obs = EngineObserver(engine, probe, closeable, legacy=legacy)
             engine.__dict__[_OBSERVER_ATTR] = obs
+            _rebind_step_fn(engine)
             return obs
         except Exception:  # noqa: BLE001 - never break the engine
             log.exception("instrumented_core: telemetry for this engine failed to start; "
@@ -604,6 +643,19 @@ class VllmDpInstrumentor:
             log.info("instrumented_core: DP rank %s telemetry on %s", engine.dp_rank,
                      telemetry.metrics_url)
         return telemetry.probe, telemetry
+
+
+def _rebind_step_fn(engine: Any) -> None:
+    """``EngineCore.__init__`` binds ``self.step_fn`` to ``step`` or ``step_with_batch_queue``
+    once. With the plugin the class is wrapped before that; an engine built before
+    ``instrument()`` still holds the original: bind it to the wrapped method instead."""
+    bound = engine.__dict__.get("step_fn")
+    func = getattr(bound, "__func__", None)
+    if func is None or getattr(func, _WRAPPED_MARK, False):
+        return
+    name = getattr(func, "__name__", "")
+    if name in STEP_METHODS and getattr(getattr(type(engine), name, None), _WRAPPED_MARK, False):
+        engine.step_fn = getattr(engine, name)
 
 
 def observer_of(engine: Any) -> EngineObserver | None:

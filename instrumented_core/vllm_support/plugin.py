@@ -9,9 +9,12 @@ registers::
 
 ``register()`` installs :class:`~instrumented_core.vllm_support.instrumentor.VllmDpInstrumentor`
 in processes that run (or will fork) engine cores: those that have imported vLLM's engine-core
-module, and the main process (so engine cores forked from it inherit the wraps). Worker
-processes are skipped. The wraps are inert until a ``DPEngineCoreProc`` busy loop starts, so the
-metrics endpoint and the span exporter exist only in engine-core processes, one per DP rank.
+module, and the main process (so engine cores forked from it inherit the wraps). In every
+process it also installs :mod:`~instrumented_core.vllm_support.worker_hooks`, which make each
+worker publish where it is (call from the engine core, model collective) to shared memory that
+its engine core's endpoint reads; they stay inert outside workers. The wraps are inert until a
+``DPEngineCoreProc`` busy loop starts, so the metrics endpoint and the span exporter exist only
+in engine-core processes, one per DP rank.
 
 Configuration, by environment (set it where ``vllm serve`` / your ``AsyncLLM`` runs; vLLM's
 engine cores inherit it):
@@ -65,6 +68,11 @@ def register() -> None:
         if not config.enabled:
             log.debug("instrumented_core: %s is off; vLLM left uninstrumented", ENV_ENABLED)
             return
+        from instrumented_core.vllm_support import worker_hooks
+
+        # In every process: workers (spawned, or forked from an engine core) publish where
+        # they are; the hooks stay inert where no engine-to-worker call ever arrives.
+        worker_hooks.install()
         if not should_activate():
             return
         from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor
