@@ -38,12 +38,14 @@ from instrumented_core.vllm_support.tiny_model import async_engine_args, vllm_cp
 __all__ = [
     "COUNTERS",
     "PROMPTS",
+    "Traffic",
     "VllmEngine",
     "barrier_all",
     "barrier_engine",
     "bounded",
     "counters",
     "delta",
+    "doctor_until",
     "free_port_base",
     "generate",
     "new_request_id",
@@ -193,10 +195,72 @@ class VllmEngine:
     def scrape_all(self) -> list[RankSample]:
         return [scrape(t, timeout=2.0) for t in self.targets]
 
+    def worker_process(self, rank: int) -> Any:
+        """The ``psutil.Process`` of DP rank ``rank``'s worker (``VLLM::Worker_DP<rank>``)."""
+        import psutil
+
+        title = f"Worker_DP{rank}"
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if title in proc.name() or any(title in part for part in proc.cmdline()[:1]):
+                    return proc
+            except psutil.Error:
+                continue
+        raise LookupError(f"no worker process {title!r} among this engine's processes")
+
     def wait_metrics(self, timeout: float = 20.0) -> list[RankSample]:
         """Both ranks' endpoints up (they start when each engine's busy loop starts)."""
         return wait_for(lambda: (s := self.scrape_all()) and all(x.reachable for x in s) and s,
                         timeout, "metrics endpoints of both engine cores")
+
+
+class Traffic:
+    """Requests kept in flight on every DP rank until ``stop()``: each lane generates
+    ``max_tokens`` tokens, records the finish reason and starts over. Runs on the engine's
+    loop, so the caller must keep the loop running (``await`` inside ``VllmEngine.run``)."""
+
+    def __init__(self, llm: Any, lanes_per_rank: int = 2, max_tokens: int = 200,
+                 ranks: tuple[int, ...] = (0, 1)) -> None:
+        self.llm = llm
+        self.finished: list[str] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.ensure_future(self._lane(PROMPTS[i % len(PROMPTS)], rank,
+                                                        max_tokens))
+                       for rank in ranks for i in range(lanes_per_rank)]
+
+    async def _lane(self, prompt: list[int], rank: int, max_tokens: int) -> None:
+        while not self._stop.is_set():
+            out = await generate(self.llm, prompt, max_tokens=max_tokens, dp_rank=rank)
+            self.finished.append(out["finish_reason"])
+
+    async def stop(self, timeout: float = 120.0) -> list[str]:
+        """Let every lane finish the request it is on; returns every finish reason."""
+        self._stop.set()
+        await bounded(asyncio.gather(*self._tasks), timeout, "traffic drains")
+        return self.finished
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+async def doctor_until(targets: list[str], accept: Callable[[Any], bool], timeout: float,
+                       what: str, **doctor_kwargs: Any) -> tuple[Any, float]:
+    """Run the doctor (off the event loop, so the engine's requests keep flowing) until
+    ``accept(report)``; returns the report and the seconds it took. On timeout the error
+    carries the last report's text."""
+    from instrumented_core.doctor import run_doctor
+
+    loop = asyncio.get_running_loop()
+    t0 = time.monotonic()
+    last = None
+    while time.monotonic() - t0 < timeout:
+        last = await loop.run_in_executor(
+            None, lambda: run_doctor(targets=targets, **doctor_kwargs))
+        if accept(last):
+            return last, time.monotonic() - t0
+    raise TimeoutError(f"{what}: not seen within {timeout:.0f} s; the doctor said last:\n"
+                       f"{last.render() if last is not None else '(nothing)'}")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:

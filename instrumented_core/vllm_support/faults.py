@@ -1,4 +1,10 @@
-"""TEST-ONLY fault injection into vLLM's DP engine: one rank stalls before its sync all-reduce.
+"""TEST-ONLY fault injection into vLLM's DP engine.
+
+- ``IC_TEST_STALL_SYNC_RANK``: one rank stalls before its sync all-reduce (below).
+- ``IC_TEST_WEDGE_FILE=<path>``: while that file exists, every worker's next
+  ``coordinate_batch_across_dp`` all-reduce blocks *inside* the collective (after the worker
+  board recorded its entry) until the file is removed: every rank's workers wedged in the same
+  model collective, as with a partitioned collective network. Inert while the file is absent.
 
 Inert unless ``IC_TEST_STALL_SYNC_RANK`` is set (in the environment of the process that starts
 vLLM; engine cores inherit it). Then, on that DP rank, the first ``ParallelConfig.sync_dp_state``
@@ -20,10 +26,12 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["ENV_STALL_RANK", "ENV_STALL_SECONDS", "install_sync_stall", "register"]
+__all__ = ["ENV_STALL_RANK", "ENV_STALL_SECONDS", "ENV_WEDGE_FILE", "install_model_wedge",
+           "install_sync_stall", "register"]
 
 log = logging.getLogger(__name__)
 
+ENV_WEDGE_FILE = "IC_TEST_WEDGE_FILE"
 ENV_STALL_RANK = "IC_TEST_STALL_SYNC_RANK"
 ENV_STALL_SECONDS = "IC_TEST_STALL_SYNC_SECONDS"
 #: pauses (consensus reached on this rank) to let through before the stall arms (default 0)
@@ -70,7 +78,44 @@ def install_sync_stall(rank: int, seconds: float, skip_pauses: int = 0) -> bool:
     return True
 
 
+class _WedgingDist:
+    """``torch.distributed`` as ``dp_utils`` sees it, but ``all_reduce`` waits while the
+    arm file exists (inside the worker's observed model collective)."""
+
+    def __init__(self, real: Any, path: str) -> None:
+        self._real = real
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def all_reduce(self, *args: Any, **kwargs: Any) -> Any:
+        if os.path.exists(self._path):
+            log.warning("TEST-ONLY: model collective wedged while %s exists", self._path)
+            while os.path.exists(self._path):
+                time.sleep(0.05)
+        return self._real.all_reduce(*args, **kwargs)
+
+
+def install_model_wedge(path: str) -> bool:
+    """Swap ``vllm.v1.worker.dp_utils.dist`` for the wedging proxy. False if already there."""
+    from vllm.v1.worker import dp_utils
+
+    if isinstance(dp_utils.dist, _WedgingDist):
+        return False
+    dp_utils.dist = _WedgingDist(dp_utils.dist, path)
+    return True
+
+
 def register() -> None:
+    wedge = os.environ.get(ENV_WEDGE_FILE, "").strip()
+    if wedge:
+        try:
+            if install_model_wedge(wedge):
+                log.warning("TEST-ONLY model-collective wedge armed by %s (pid %d)", wedge,
+                            os.getpid())
+        except Exception:  # noqa: BLE001 - never break vLLM
+            log.exception("fault injection plugin failed; vLLM left unchanged")
     raw = os.environ.get(ENV_STALL_RANK, "").strip()
     if not raw:
         return

@@ -1,0 +1,237 @@
+"""A rank wedged or slow inside a real forward step, on vLLM's real DP=2 engine (CPU).
+
+One engine serves the module: every fault here is reversible (``SIGSTOP``/``SIGCONT`` of a
+worker process, a test-only switch file that holds every worker inside a model collective, a
+slow ``collective_rpc``), and after each one the engine must be healthy again with nothing
+lost. The faulted rank is drawn at random (seeded; ``IC_SEED`` replays) so both ranks get
+named over runs. Everything is read as an operator would: the doctor over each engine core's
+``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import require_vllm
+
+pytestmark = pytest.mark.vllm
+
+SEED = int(os.environ.get("IC_SEED", str(time.time_ns() % 100_000)))
+THRESHOLD = 2.0  # the doctor's default
+
+
+@pytest.fixture(scope="module")
+def vllm():
+    return require_vllm()
+
+
+@pytest.fixture(scope="module")
+def rng():
+    print(f"IC_SEED={SEED}")
+    return random.Random(SEED)
+
+
+@pytest.fixture(scope="module")
+def engine(vllm, tmp_path_factory):
+    from vllm_helpers import PROMPTS, VllmEngine, generate
+
+    wedge_file = tmp_path_factory.mktemp("wedge") / "armed"
+    # callables as collective_rpc methods (the slow-RPC test) need vLLM's pickle fallback
+    eng = VllmEngine({"IC_TEST_WEDGE_FILE": str(wedge_file),
+                      "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}, cpu_timeout=120)
+    eng.wedge_file = wedge_file
+    try:
+        eng.start()
+        eng.wait_metrics(30)
+        eng.run(asyncio.gather(*(generate(eng.llm, PROMPTS[r], max_tokens=4, dp_rank=r)
+                                 for r in (0, 1))), 60, "warm-up")
+        yield eng
+    finally:
+        for rank in (0, 1):  # never leave a worker stopped (SIGKILL would still work)
+            try:
+                eng.worker_process(rank).send_signal(signal.SIGCONT)
+            except Exception:  # noqa: BLE001
+                pass
+        if wedge_file.exists():
+            wedge_file.unlink()
+        eng.close()
+
+
+def _kind(kind: str, culprits: list[int] | None = None):
+    def accept(report) -> bool:
+        v = report.verdict
+        return v.kind == kind and (culprits is None or v.culprits == culprits)
+    return accept
+
+
+async def _healthy_again(engine) -> None:
+    from vllm_helpers import doctor_until
+
+    await doctor_until(engine.targets, lambda r: r.verdict.kind == "healthy", 30,
+                       "healthy again")
+
+
+def test_an_idle_engine_held_past_every_threshold_is_healthy_and_idle(engine):
+    from vllm_helpers import doctor_until
+
+    async def scenario():
+        # idle: nobody has requests, and nothing has progressed for longer than the threshold
+        def idle_long(report) -> bool:
+            views = report.verdict
+            return views.kind == "healthy" and "idle" in views.summary and all(
+                time.time() - (s.get("vllm_dp_last_progress_timestamp_seconds") or 0)
+                > 3 * THRESHOLD for s in report.samples)
+        report, _ = await doctor_until(engine.targets, idle_long, 30, "idle past thresholds")
+        return report
+
+    report = engine.run(scenario(), 60, "idle")
+    assert report.exit_code == 0
+    assert report.verdict.culprits == [], report.render()
+
+
+def test_a_frozen_worker_on_a_random_rank_is_named_and_sigcont_loses_nothing(engine, rng):
+    from vllm_helpers import Traffic, doctor_until
+
+    rank = rng.choice((0, 1))
+    worker = engine.worker_process(rank)
+
+    async def scenario():
+        traffic = Traffic(engine.llm)
+        try:
+            await doctor_until(engine.targets, lambda r: "requests in flight" in
+                               r.verdict.summary and r.verdict.kind == "healthy", 30,
+                               "traffic on both ranks")
+            worker.send_signal(signal.SIGSTOP)
+            try:
+                report, seconds = await doctor_until(
+                    engine.targets, _kind("stuck", [rank]), 20, f"rank {rank} named")
+            finally:
+                worker.send_signal(signal.SIGCONT)
+            finished = await traffic.stop()
+        except BaseException:
+            traffic.cancel()
+            raise
+        await _healthy_again(engine)
+        return report, seconds, finished
+
+    report, seconds, finished = engine.run(scenario(), 180, "frozen worker")
+    print(f"frozen worker of rank {rank} named after {seconds:.1f} s:\n{report.render()}")
+    text = report.render()
+    assert f"culprit: rank {rank}" in text
+    assert "frozen" in text
+    assert report.verdict.victims == [1 - rank]
+    assert report.exit_code == 2
+    assert finished and set(finished) == {"length"}, finished  # nothing lost
+
+
+def test_a_throttled_worker_on_a_random_rank_is_named_slow(engine, rng):
+    from vllm_helpers import Traffic, doctor_until
+
+    rank = rng.choice((0, 1))
+    worker = engine.worker_process(rank)
+    stop = threading.Event()
+
+    def throttle() -> None:  # stopped 150 ms of every 200 ms
+        while not stop.is_set():
+            worker.send_signal(signal.SIGSTOP)
+            stop.wait(0.15)
+            worker.send_signal(signal.SIGCONT)
+            stop.wait(0.05)
+
+    async def scenario():
+        traffic = Traffic(engine.llm)
+        thread = threading.Thread(target=throttle, daemon=True)
+        try:
+            await doctor_until(engine.targets, lambda r: "requests in flight" in
+                               r.verdict.summary, 30, "traffic on both ranks")
+            thread.start()
+            try:
+                report, seconds = await doctor_until(
+                    engine.targets, _kind("slow", [rank]), 30, f"rank {rank} slow",
+                    interval=1.0)
+            finally:
+                stop.set()
+                thread.join(2)
+                worker.send_signal(signal.SIGCONT)
+            finished = await traffic.stop()
+        except BaseException:
+            stop.set()
+            worker.send_signal(signal.SIGCONT)
+            traffic.cancel()
+            raise
+        await _healthy_again(engine)
+        return report, seconds, finished
+
+    report, seconds, finished = engine.run(scenario(), 180, "throttled worker")
+    print(f"throttled worker of rank {rank} named after {seconds:.1f} s:\n{report.render()}")
+    assert "straggler" in report.verdict.summary
+    assert report.verdict.victims == [1 - rank]
+    assert report.exit_code == 1
+    assert finished and set(finished) == {"length"}, finished
+
+
+def test_a_slow_collective_rpc_on_one_rank_names_that_rank_never_its_peer(engine, rng):
+    from vllm_helpers import bounded, doctor_until
+
+    rank = rng.choice((0, 1))
+    # runs in every worker (pickled by value: a lambda); only the chosen rank's is slow
+    slow_load = (lambda worker, r, seconds: __import__("time").sleep(seconds)
+                 if worker.vllm_config.parallel_config.data_parallel_rank == r else None)
+
+    async def scenario():
+        await bounded(engine.llm.pause_generation(mode="keep"), 60, "pause(keep)")
+        rpc = asyncio.ensure_future(engine.llm.collective_rpc(slow_load, args=(rank, 12.0)))
+        try:
+            report, seconds = await doctor_until(engine.targets, _kind("stuck", [rank]), 11,
+                                                 f"rank {rank} named inside collective_rpc")
+            await bounded(rpc, 60, "slow collective_rpc")
+        except BaseException:
+            rpc.cancel()
+            raise
+        await bounded(engine.llm.resume_generation(), 60, "resume")
+        await _healthy_again(engine)
+        return report, seconds
+
+    report, seconds = engine.run(scenario(), 120, "slow collective_rpc")
+    print(f"rank {rank} inside collective_rpc named after {seconds:.1f} s:\n{report.render()}")
+    assert 1 - rank not in report.verdict.culprits
+    assert "collective_rpc" in report.verdict.summary
+    assert report.exit_code == 2
+
+
+def test_a_wedge_inside_the_model_collective_on_every_rank_is_wedged_never_healthy(engine):
+    from vllm_helpers import Traffic, doctor_until
+
+    async def scenario():
+        traffic = Traffic(engine.llm)
+        try:
+            await doctor_until(engine.targets, lambda r: "requests in flight" in
+                               r.verdict.summary, 30, "traffic on both ranks")
+            engine.wedge_file.touch()
+            try:
+                report, seconds = await doctor_until(engine.targets, _kind("wedged", []), 20,
+                                                     "wedged")
+                # it stays wedged (never healthy) for as long as the wedge lasts
+                again, _ = await doctor_until(engine.targets, lambda r: True, 5, "again")
+            finally:
+                engine.wedge_file.unlink()
+            finished = await traffic.stop()
+        except BaseException:
+            traffic.cancel()
+            raise
+        await _healthy_again(engine)
+        return report, seconds, again, finished
+
+    report, seconds, again, finished = engine.run(scenario(), 180, "wedge on all ranks")
+    print(f"all-rank wedge reported after {seconds:.1f} s:\n{report.render()}")
+    assert "dp_coordinate" in report.verdict.summary  # names the collective
+    assert again.verdict.kind == "wedged", again.render()
+    assert report.exit_code == 2
+    assert finished and set(finished) == {"length"}, finished
