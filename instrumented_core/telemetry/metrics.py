@@ -211,7 +211,7 @@ class WorkerBoardCollector(Collector):
             n.WORKER_HEARTBEAT_AGE, "Seconds since this worker's heartbeat thread last wrote; "
             "grows only when the whole process is frozen (stopped, or a C call holding the "
             "GIL), not while it waits in a collective.", labels=names)
-        calls = CounterMetricFamily(n.WORKER_CALLS_TOTAL, "Calls (count) from the engine core "
+        calls = CounterMetricFamily(n.WORKER_CALLS, "Calls (count) from the engine core "
                                     "this worker completed.", labels=names)
         call_seconds = CounterMetricFamily(n.WORKER_CALL_SECONDS, "Seconds this worker spent "
                                            "inside calls from its engine core.", labels=names)

@@ -57,7 +57,7 @@ START_DP_WAVE = "vllm_dp_start_dp_wave"
 REQUESTS_FINISHED = "vllm_dp_requests_finished"
 COLLECTIVE_WAIT = "vllm_dp_collective_wait_seconds"
 TELEMETRY_DROPPED = "vllm_dp_telemetry_dropped"
-WORKER_CALLS_TOTAL = "vllm_dp_worker_calls"  # engine-to-worker calls completed
+WORKER_CALLS = "vllm_dp_worker_calls"  # engine-to-worker calls completed
 WORKER_CALL_SECONDS = "vllm_dp_worker_call_seconds"  # seconds inside them
 WORKER_MODEL_COLLECTIVES = "vllm_dp_worker_model_collectives"  # entered: the sequence number
 WORKER_MODEL_COLLECTIVE_SECONDS = "vllm_dp_worker_model_collective_seconds"
@@ -110,7 +110,7 @@ SUFFIXED_COUNTERS = tuple(
         START_DP_WAVE,
         REQUESTS_FINISHED,
         TELEMETRY_DROPPED,
-        WORKER_CALLS_TOTAL,
+        WORKER_CALLS,
         WORKER_MODEL_COLLECTIVES,
     )
 ) + (COLLECTIVE_WAIT + "_total", WORKER_CALL_SECONDS + "_total",
