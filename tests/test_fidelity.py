@@ -31,7 +31,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_vllm
 
 from instrumented_core.cluster import Cluster, ClusterConfig
 from instrumented_core.cluster.scenarios import upstream_deadlock_scenario
@@ -41,7 +40,6 @@ from instrumented_core.telemetry import names as n
 
 pytestmark = [pytest.mark.vllm, pytest.mark.cluster]
 
-require_vllm()
 
 from vllm_helpers import (  # noqa: E402
     PROMPTS,

@@ -8,6 +8,7 @@ never for single-rank groups, with the originals' results and exceptions passed 
 
 from __future__ import annotations
 
+import logging
 import types
 
 import pytest
@@ -251,3 +252,105 @@ def test_without_the_rpc_entry_point_nothing_is_wrapped():
     worker_hooks.uninstall()
     assert worker_hooks.install(import_module=loader) == []
     assert not worker_hooks.installed()
+
+
+# ----------------------------------------------------------------------------------------------
+# contract check against a fake vLLM (moved from the real-engine module: needs no vLLM)
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_vllm_api(version: str = "0.32.0", drop: str | None = None, flavour: str = "static"):
+    """A fake vLLM with just the names the instrumentor wraps; ``drop`` removes one."""
+    import enum
+
+    class EngineCoreRequestType(enum.Enum):
+        START_DP_WAVE = b"\x02"
+
+    from instrumented_core.vllm_support import contract
+
+    body = {name: (lambda self, *a, **k: None)
+            for name in contract.ENGINE_METHODS + contract.ENGINE_REQUIRED_ONLY}
+    body.pop(drop, None)
+    engine_cls = type("DPEngineCoreProc", (), body)
+
+    def sync_dp_state(*args, **kwargs):
+        return False, False
+
+    pc_body = {"has_unfinished_dp": staticmethod(lambda g, u: u),
+               "sync_dp_state": staticmethod(sync_dp_state) if flavour == "static"
+               else sync_dp_state}
+    pc_cls = type("ParallelConfig", (), pc_body)
+    modules = {
+        "vllm": types.SimpleNamespace(__version__=version),
+        "vllm.v1.engine.core": types.SimpleNamespace(DPEngineCoreProc=engine_cls),
+        "vllm.v1.engine": types.SimpleNamespace(EngineCoreRequestType=EngineCoreRequestType),
+        "vllm.config": types.SimpleNamespace(ParallelConfig=pc_cls),
+    }
+
+    def import_module(name):
+        if name not in modules:
+            raise ImportError(f"No module named {name!r}")
+        return modules[name]
+
+    return import_module, engine_cls, pc_cls
+
+
+@pytest.fixture
+def fresh_instrumentor():
+    from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor
+
+    saved = VllmDpInstrumentor._instance
+    VllmDpInstrumentor._instance = None
+    try:
+        yield VllmDpInstrumentor()
+    finally:
+        inst = VllmDpInstrumentor._instance
+        if inst is not None and inst.is_instrumented_by_opentelemetry:
+            inst.uninstrument()
+        VllmDpInstrumentor._instance = saved
+
+
+def test_contract_check_fails_cleanly_against_a_fake_vllm_missing_a_method(
+        fresh_instrumentor, caplog):
+    loader, engine_cls, pc_cls = _fake_vllm_api(drop="_has_global_unfinished_reqs")
+    original = dict(engine_cls.__dict__), dict(pc_cls.__dict__)
+    with caplog.at_level(logging.ERROR, logger="instrumented_core.vllm_support.instrumentor"):
+        fresh_instrumentor.instrument(import_module=loader)
+    assert not fresh_instrumentor.is_instrumented_by_opentelemetry
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    message = errors[0].getMessage()
+    assert "DPEngineCoreProc._has_global_unfinished_reqs" in message
+    assert "OFF" in message
+    assert (dict(engine_cls.__dict__), dict(pc_cls.__dict__)) == original  # nothing wrapped
+
+
+def test_contract_check_rejects_an_unsupported_version_and_accepts_033_method_flavour(
+        fresh_instrumentor, caplog):
+    loader, _, _ = _fake_vllm_api(version="0.31.1")
+    with caplog.at_level(logging.ERROR):
+        fresh_instrumentor.instrument(import_module=loader)
+    assert not fresh_instrumentor.is_instrumented_by_opentelemetry
+    assert "0.31.1" in fresh_instrumentor.contract_error
+    loader, engine_cls, pc_cls = _fake_vllm_api(version="0.33.0", flavour="method")
+    raw = pc_cls.__dict__["sync_dp_state"]
+    fresh_instrumentor.instrument(import_module=loader)
+    assert fresh_instrumentor.is_instrumented_by_opentelemetry
+    assert fresh_instrumentor._api.sync_flavour == "method"
+    assert pc_cls.__dict__["sync_dp_state"] is not raw
+    fresh_instrumentor.uninstrument()
+    assert pc_cls.__dict__["sync_dp_state"] is raw
+    assert "barrier" in engine_cls.__dict__  # own methods restored, not deleted
+    fresh_instrumentor.instrument(import_module=loader)  # re-instrument works
+    assert fresh_instrumentor.is_instrumented_by_opentelemetry
+
+
+def test_plugin_is_registered_under_vllm_general_plugins_and_opentelemetry_instrumentor():
+    from importlib.metadata import entry_points
+
+    general = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert general["instrumented_core"] == "instrumented_core.vllm_support.plugin:register"
+    otel = {ep.name: ep for ep in entry_points(group="opentelemetry_instrumentor")}
+    from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor
+
+    assert otel["vllm_dp"].load() is VllmDpInstrumentor

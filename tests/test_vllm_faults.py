@@ -16,14 +16,12 @@ import time
 
 import pytest
 
-from conftest import require_vllm
 
 from instrumented_core.doctor import run_doctor
 from instrumented_core.telemetry import names as n
 
 pytestmark = pytest.mark.vllm
 
-require_vllm()
 
 from vllm_helpers import (  # noqa: E402
     PROMPTS,

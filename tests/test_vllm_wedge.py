@@ -19,17 +19,10 @@ import time
 
 import pytest
 
-from conftest import require_vllm
-
 pytestmark = pytest.mark.vllm
 
 SEED = int(os.environ.get("IC_SEED", str(time.time_ns() % 100_000)))
 THRESHOLD = 2.0  # the doctor's default
-
-
-@pytest.fixture(scope="module")
-def vllm():
-    return require_vllm()
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def rng():
 
 
 @pytest.fixture(scope="module")
-def engine(vllm, tmp_path_factory):
+def engine(tmp_path_factory):
     from vllm_helpers import PROMPTS, VllmEngine, generate
 
     wedge_file = tmp_path_factory.mktemp("wedge") / "armed"
