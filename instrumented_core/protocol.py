@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from instrumented_core.probe import NULL_PROBE
+
 PAUSE_MODES = ("abort", "wait", "keep")
 
 
@@ -114,6 +116,33 @@ def phase_of(pending_pause: bool, paused: bool) -> Phase:
     return Phase.PAUSED if paused else Phase.RUNNING
 
 
+class PhaseTracker:
+    """The phase a rank reports and the probe call when it changes: one home for the CPU
+    cluster's state machine and the vLLM observer, so both report transitions alike."""
+
+    def __init__(self, probe, phase: Phase = Phase.RUNNING) -> None:
+        self.probe = probe
+        self.phase = phase
+
+    def update(self, new: Phase) -> None:
+        if new is not self.phase:
+            old, self.phase = self.phase, new
+            self.probe.phase_changed(old, new)
+
+
+def start_dp_wave_outcome(*, ignoring: bool, excluded: bool, wave_changed: bool,
+                          started_running: bool) -> str:
+    """The outcome label of one ``START_DP_WAVE`` (``vllm_dp_start_dp_wave_total{outcome}``),
+    in vLLM's order of checks: dropped while paused after consensus (``ignored``), addressed
+    to the rank that asked for the wave (``excluded``), a new wave or a wake-up (``acted``),
+    else nothing to do (``stale``)."""
+    if ignoring:
+        return "ignored"
+    if excluded:
+        return "excluded"
+    return "acted" if wave_changed or started_running else "stale"
+
+
 def is_sync_step(step_counter: int, sync_interval: int, fast_sync: bool = False) -> bool:
     """vLLM 0.32.0: sync on step 1 of a wave and every ``dp_sync_interval`` steps."""
     return fast_sync or step_counter == 1 or step_counter % sync_interval == 0
@@ -145,8 +174,6 @@ class PauseStateMachine:
         probe=None,
     ) -> None:
         check_sizes(dp_size, sync_interval)
-        from instrumented_core.telemetry.probe import NULL_PROBE
-
         self.rank = rank
         self.dp_size = dp_size
         self.sync_interval = sync_interval
@@ -163,8 +190,12 @@ class PauseStateMachine:
         self.sync_rounds = 0
         self.fast_sync = False
         self.paused_locally = False  # legacy: pause completed on this rank alone
-        self.phase = Phase.RUNNING
+        self._phase = PhaseTracker(self.probe)
         self.probe.attach(self)
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase.phase
 
     @property
     def two_phase(self) -> bool:
@@ -172,10 +203,7 @@ class PauseStateMachine:
 
     def _update_phase(self) -> None:
         paused = self.ignore_start_dp_wave if self.two_phase else self.paused_locally
-        new = phase_of(self.pending_pause, paused)
-        if new is not self.phase:
-            old, self.phase = self.phase, new
-            self.probe.phase_changed(old, new)
+        self._phase.update(phase_of(self.pending_pause, paused))
 
     # -- pause ----------------------------------------------------------------------------
 
@@ -235,18 +263,16 @@ class PauseStateMachine:
         ``exclude`` is compared with the integer rank exactly as vLLM 0.32.0 does; vLLM's
         coordinator sends the engine's ZMQ identity bytes there, so it never matches.
         """
-        if self.two_phase and self.ignore_start_dp_wave:
-            outcome = "ignored"
-        elif exclude == self.rank:
-            outcome = "excluded"
-        elif new_wave >= self.current_wave:
-            changed = new_wave != self.current_wave or not self.engines_running
+        ignoring = self.two_phase and self.ignore_start_dp_wave
+        excluded = not ignoring and exclude == self.rank
+        wave_changed = started = False
+        if not ignoring and not excluded and new_wave >= self.current_wave:
+            wave_changed = new_wave != self.current_wave
+            started = not self.engines_running
             self.current_wave = new_wave
-            if not self.engines_running:
-                self.engines_running = True
-            outcome = "acted" if changed else "stale"
-        else:
-            outcome = "stale"
+            self.engines_running = True
+        outcome = start_dp_wave_outcome(ignoring=ignoring, excluded=excluded,
+                                        wave_changed=wave_changed, started_running=started)
         self.probe.start_dp_wave(new_wave, exclude, outcome)
         return outcome
 

@@ -1,17 +1,15 @@
-"""Telemetry for DP ranks: names, metrics, spans, the probe and the per-rank endpoint."""
+"""Telemetry for DP ranks: names, metrics, spans, the probe and the per-rank endpoint.
+
+Imports are lazy (PEP 562): ``from instrumented_core.telemetry import TelemetryConfig`` loads
+only the configuration, and the vLLM plugin, which runs in every vLLM process before it decides
+to activate, never pulls in the OpenTelemetry SDK or prometheus_client unless an engine core
+actually starts its telemetry.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
-
-from prometheus_client import CollectorRegistry
-
-from instrumented_core.telemetry.config import TelemetryConfig, TelemetryConfigError
-from instrumented_core.telemetry.metrics import RankMetrics
-from instrumented_core.telemetry.probe import NULL_PROBE, Probe, TelemetryProbe
-from instrumented_core.telemetry.server import MetricsServer
-from instrumented_core.telemetry.tracing import make_tracer_provider
+import importlib
+from typing import Any
 
 __all__ = [
     "NULL_PROBE",
@@ -23,44 +21,25 @@ __all__ = [
     "start_rank_telemetry",
 ]
 
-
-@dataclass
-class RankTelemetry:
-    probe: Probe
-    server: MetricsServer | None
-    registry: CollectorRegistry | None
-
-    @property
-    def metrics_url(self) -> str | None:
-        return self.server.url if self.server else None
-
-    def close(self) -> None:
-        """Idempotent: the engine thread and the cluster's stop watcher may both call it."""
-        self.probe.shutdown()
-        server, self.server = self.server, None
-        if server is not None:
-            server.close()
+_HOME = {
+    "NULL_PROBE": "instrumented_core.probe",
+    "Probe": "instrumented_core.probe",
+    "TelemetryProbe": "instrumented_core.telemetry.probe",
+    "RankTelemetry": "instrumented_core.telemetry.rank",
+    "start_rank_telemetry": "instrumented_core.telemetry.rank",
+    "TelemetryConfig": "instrumented_core.telemetry.config",
+    "TelemetryConfigError": "instrumented_core.telemetry.config",
+}
 
 
-def start_rank_telemetry(
-    config: TelemetryConfig,
-    rank: int,
-    dp_size: int,
-    protocol: str,
-    info: Mapping[str, str],
-    group_key: str,
-) -> RankTelemetry:
-    """Registry + endpoint + tracer + probe for one rank; call from the engine thread."""
-    if not config.enabled:
-        return RankTelemetry(NULL_PROBE, None, None)
-    registry = CollectorRegistry()
-    metrics = RankMetrics(registry, rank, config.model_name, info)
-    server = MetricsServer(registry, config.metrics_host, config.port_for(rank), rank,
-                           config.debug_endpoint)
-    holder: list[TelemetryProbe] = []
-    provider = make_tracer_provider(config, rank, dp_size,
-                                    on_drop=lambda count: holder[0].dropped(count))
-    probe = TelemetryProbe(rank, dp_size, metrics, provider, group_key=group_key,
-                           protocol=protocol, model_name=config.model_name)
-    holder.append(probe)
-    return RankTelemetry(probe, server, registry)
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -82,10 +82,13 @@ REQUEST_OUTCOMES = ("completed", "aborted")
 COLLECTIVE_SYNC = "sync_dp_state"
 COLLECTIVE_STEP = "step"
 COLLECTIVE_RPC = "collective_rpc"
-COLLECTIVES = (COLLECTIVE_SYNC, COLLECTIVE_STEP, "barrier", COLLECTIVE_RPC, "resume")
+COLLECTIVE_BARRIER = "barrier"
+COLLECTIVE_RESUME = "resume"
+COLLECTIVES = (COLLECTIVE_SYNC, COLLECTIVE_STEP, COLLECTIVE_BARRIER, COLLECTIVE_RPC,
+               COLLECTIVE_RESUME)
 #: Collectives across DP ranks: every rank must enter them, so a rank outside one that its
 #: peers wait in is the culprit.
-CROSS_RANK_COLLECTIVES = (COLLECTIVE_SYNC, "barrier", "resume")
+CROSS_RANK_COLLECTIVES = (COLLECTIVE_SYNC, COLLECTIVE_BARRIER, COLLECTIVE_RESUME)
 #: Calls from a rank's engine core to its OWN workers: the rank still inside one while its
 #: peers have returned from theirs is the slow one (never its peers).
 ENGINE_TO_WORKER_CALLS = (COLLECTIVE_STEP, COLLECTIVE_RPC)

@@ -1,9 +1,9 @@
-"""The probe: the one object an engine calls at each pause-protocol transition.
+"""``TelemetryProbe``: the probe that turns an engine's calls into metrics and spans.
 
-Both engines call it the same way: the CPU reference cluster's rank loop and the vLLM
-instrumentor wrapping ``DPEngineCoreProc``. ``Probe`` is the no-op base (telemetry off costs a
-method call); ``TelemetryProbe`` turns the calls into Prometheus samples and OpenTelemetry
-spans. Every method of ``TelemetryProbe`` is guarded: an exception inside telemetry is logged
+Both engines call the probe interface (:mod:`instrumented_core.probe`: ``Probe`` and its
+no-op ``NULL_PROBE``, beneath the protocol) the same way: the CPU reference cluster's rank loop
+and the vLLM instrumentor wrapping ``DPEngineCoreProc``. ``TelemetryProbe`` turns the calls
+into Prometheus samples and OpenTelemetry spans. Every method of ``TelemetryProbe`` is guarded: an exception inside telemetry is logged
 once and swallowed, never raised into the busy loop.
 """
 
@@ -16,6 +16,7 @@ import time
 from collections import deque
 from typing import Any
 
+from instrumented_core.probe import NULL_PROBE, Probe  # noqa: F401 - re-exported
 from instrumented_core.protocol import Phase, SyncResult, is_sync_step, steps_until_sync
 from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.metrics import HotPathState
@@ -27,45 +28,6 @@ log = logging.getLogger(__name__)
 #: holds no more than this.
 MAX_SYNC_ROUND_EVENTS = 128
 
-
-class Probe:
-    """No-op probe; the interface every engine calls. Subclasses observe, never decide."""
-
-    enabled = False
-
-    def attach(self, state: Any) -> None:
-        """``state`` exposes vLLM's attribute names (engines_running, current_wave, ...)."""
-
-    def pause_requested(self, mode: str, trace_parent: str | None = None) -> None: ...
-
-    def phase_changed(self, old: Phase, new: Phase) -> None: ...
-
-    def sync_begin(self, local_unfinished: bool, local_pause: bool) -> None: ...
-
-    def sync_end(self, result: SyncResult, seconds: float) -> None: ...
-
-    def consensus(self) -> None: ...
-
-    def start_dp_wave(self, wave: int, exclude: object, outcome: str) -> None: ...
-
-    def resumed(self) -> None: ...
-
-    def step_end(self, dummy: bool) -> None: ...
-
-    def wave_changed(self, wave: int) -> None: ...
-
-    def collective_begin(self, collective: str) -> None: ...
-
-    def collective_end(self, collective: str, seconds: float) -> None: ...
-
-    def request_finished(self, outcome: str) -> None: ...
-
-    def progress(self) -> None: ...
-
-    def shutdown(self) -> None: ...
-
-
-NULL_PROBE = Probe()
 
 _UNKNOWN_COUNTS = (float("nan"), float("nan"))
 

@@ -1,0 +1,59 @@
+"""One rank's telemetry, started from its engine thread: registry, endpoint, tracer, probe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from prometheus_client import CollectorRegistry
+
+from instrumented_core.probe import NULL_PROBE, Probe
+from instrumented_core.telemetry.config import TelemetryConfig
+from instrumented_core.telemetry.metrics import RankMetrics
+from instrumented_core.telemetry.probe import TelemetryProbe
+from instrumented_core.telemetry.server import MetricsServer
+from instrumented_core.telemetry.tracing import make_tracer_provider
+
+__all__ = ["RankTelemetry", "start_rank_telemetry"]
+
+
+@dataclass
+class RankTelemetry:
+    probe: Probe
+    server: MetricsServer | None
+    registry: CollectorRegistry | None
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.server.url if self.server else None
+
+    def close(self) -> None:
+        """Idempotent: the engine thread and the cluster's stop watcher may both call it."""
+        self.probe.shutdown()
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
+
+
+def start_rank_telemetry(
+    config: TelemetryConfig,
+    rank: int,
+    dp_size: int,
+    protocol: str,
+    info: Mapping[str, str],
+    group_key: str,
+) -> RankTelemetry:
+    """Registry + endpoint + tracer + probe for one rank; call from the engine thread."""
+    if not config.enabled:
+        return RankTelemetry(NULL_PROBE, None, None)
+    registry = CollectorRegistry()
+    metrics = RankMetrics(registry, rank, config.model_name, info)
+    server = MetricsServer(registry, config.metrics_host, config.port_for(rank), rank,
+                           config.debug_endpoint)
+    holder: list[TelemetryProbe] = []
+    provider = make_tracer_provider(config, rank, dp_size,
+                                    on_drop=lambda count: holder[0].dropped(count))
+    probe = TelemetryProbe(rank, dp_size, metrics, provider, group_key=group_key,
+                           protocol=protocol, model_name=config.model_name)
+    holder.append(probe)
+    return RankTelemetry(probe, server, registry)

@@ -1,0 +1,102 @@
+"""The ``ParallelConfig.sync_dp_state`` wrapper: one sync round, with the summed votes.
+
+``sync_dp_state`` returns only ``(has_unfinished_global, consensus)``. To report the number of
+ranks voting to pause, during the call (and only on the calling thread) the all-reduce it looks
+up at call time (0.32: ``torch.distributed.all_reduce``; 0.33: the config module's
+``cpu_all_reduce_``) is replaced by a pass-through that reads the summed tensor after the
+original reduced it. Without that hook the votes are inferred from the inputs and the result
+(exact at DP=2 except "I don't vote, someone has work": reported as 0).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from typing import Any, Callable
+
+from instrumented_core.protocol import SyncResult, decode_sync_state
+from instrumented_core.vllm_support.observer import EngineObserver, current, log_once
+
+__all__ = ["make_sync_dp_state"]
+
+WRAPPED_MARK = "_instrumented_core_wrapped"
+
+
+def make_sync_dp_state(orig: Callable, flavour: str, hook: tuple[Any, str] | None) -> Callable:
+    """``sync_dp_state`` wrapper (static in 0.32, a method in 0.33): one sync round."""
+    offset = 1 if flavour == "method" else 0  # skip ``self`` (the ParallelConfig)
+
+    def observed(args: tuple, kwargs: dict) -> Any:
+        obs: EngineObserver | None = getattr(current, "observer", None)
+        if obs is None:  # not called from an instrumented engine's step
+            return orig(*args, **kwargs)
+        pos = args[offset:]
+        has_unfinished = bool(pos[1] if len(pos) > 1 else kwargs.get("has_unfinished", False))
+        pending = bool(pos[2] if len(pos) > 2 else kwargs.get("pending_pause", False))
+        obs.probe.sync_begin(has_unfinished, pending)
+        captured: list[list[int]] = []
+        restore = None
+        if hook is not None:
+            restore = _install_capture(hook, captured)
+        started = time.perf_counter()
+        try:
+            result = orig(*args, **kwargs)
+        finally:
+            if restore is not None:
+                restore()
+        seconds = time.perf_counter() - started
+        try:
+            dp_size = int(obs.engine.dp_size)
+            if captured and len(captured[-1]) >= 2:
+                sync = decode_sync_state(captured[-1][:2], dp_size)
+            else:
+                global_unfinished, consensus = result
+                votes = dp_size if consensus else int(pending)
+                sync = SyncResult(bool(global_unfinished), votes, dp_size)
+            obs.sync_rounds += 1
+            obs.probe.sync_end(sync, seconds)
+            if sync.consensus:
+                obs.consensus_seen = True
+        except Exception:  # noqa: BLE001
+            log_once("sync", "instrumented_core: sync round observation failed")
+        return result
+
+    if flavour == "static":
+        @functools.wraps(orig)
+        def sync_dp_state(*args, **kwargs):
+            return observed(args, kwargs)
+
+        wrapped: Any = staticmethod(sync_dp_state)
+    else:
+        @functools.wraps(orig)
+        def sync_dp_state(*args, **kwargs):  # type: ignore[no-redef]
+            return observed(args, kwargs)
+
+        wrapped = sync_dp_state
+    sync_dp_state.__dict__[WRAPPED_MARK] = True
+    return wrapped
+
+
+def _install_capture(hook: tuple[Any, str], captured: list) -> Callable[[], None]:
+    """Swap ``namespace.attr`` for a pass-through recording the reduced tensor (this thread
+    only) and return the function that puts the original back."""
+    namespace, attr = hook
+    real = getattr(namespace, attr)
+    tid = threading.get_ident()
+
+    def capture(tensor, *args, **kwargs):
+        out = real(tensor, *args, **kwargs)
+        if threading.get_ident() == tid:
+            try:
+                captured.append([int(v) for v in tensor.tolist()])
+            except Exception:  # noqa: BLE001 - the reduce itself succeeded; keep going
+                pass
+        return out
+
+    setattr(namespace, attr, capture)
+
+    def restore() -> None:
+        setattr(namespace, attr, real)
+
+    return restore
