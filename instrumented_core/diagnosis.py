@@ -163,7 +163,7 @@ def diagnose(views: list[RankView], threshold: float = 2.0) -> Verdict:
     if cross:
         groups: dict[str, list[RankView]] = {}
         for v in waiting:
-            groups.setdefault(v.collective, []).append(v)
+            groups.setdefault(v.collective or "", []).append(v)
         if len(groups) > 1:
             # A step whose workers are not in a model collective is a rank wedged in its
             # forward (its peers wait for it in the cross-rank collective), not a mismatch.
@@ -195,7 +195,7 @@ def diagnose(views: list[RankView], threshold: float = 2.0) -> Verdict:
     if calls:
         by_call: dict[str, list[RankView]] = {}
         for v in calls:
-            by_call.setdefault(v.collective, []).append(v)
+            by_call.setdefault(v.collective or "", []).append(v)
         for call, inside in by_call.items():
             returned = [v for v in live if v.collective != call]
             if returned:
@@ -318,9 +318,11 @@ def _inside_the_forward(live: list[RankView], threshold: float) -> Verdict | Non
 
 def _straggler(live: list[RankView], threshold: float) -> Verdict | None:
     """Rule 8: the rank that waits least while its peers mostly wait."""
-    with_workers = [v for v in live if v.model_wait_fraction is not None and _has_work(v)]
+    rated: list[tuple[RankView, float]]
+    with_workers = [(v, v.model_wait_fraction) for v in live
+                    if v.model_wait_fraction is not None and _has_work(v)]
     if len(with_workers) >= 2 and len(with_workers) == len(live):
-        rated = [(v, v.model_wait_fraction) for v in with_workers]
+        rated = with_workers
         where, floor, max_age = "its workers wait", 0.3, threshold
     else:
         rated = [(v, v.wait_fraction) for v in live

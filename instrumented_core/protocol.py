@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 from instrumented_core.probe import NULL_PROBE
 
@@ -38,15 +38,22 @@ class ProtocolError(ValueError):
     """A bad protocol setting or a call the protocol forbids in the current state."""
 
 
+_C = TypeVar("_C", bound="_Choice")
+
+
 class _Choice(str, enum.Enum):
     """A setting with a fixed set of spellings; ``parse`` turns a typo into a one-line error."""
 
     @classmethod
-    def parse(cls, value):
+    def what(cls) -> str:
+        return cls.__name__.lower()
+
+    @classmethod
+    def parse(cls: type[_C], value: object) -> _C:
         try:
             return cls(value)
         except ValueError:
-            raise ProtocolError(f"unknown {cls._what} {value!r}: use one of "
+            raise ProtocolError(f"unknown {cls.what()} {value!r}: use one of "
                                 f"{', '.join(c.value for c in cls)}") from None
 
 
@@ -55,15 +62,13 @@ class Protocol(_Choice):
     LEGACY = "legacy"
 
 
-Protocol._what = "protocol"
-
-
 class Cadence(_Choice):
     FIXED = "fixed"
     ADAPTIVE = "adaptive"
 
-
-Cadence._what = "sync cadence"
+    @classmethod
+    def what(cls) -> str:
+        return "sync cadence"
 
 
 class Phase(str, enum.Enum):

@@ -131,8 +131,8 @@ def to_view(sample: RankSample, rank: int, previous: RankSample | None = None) -
     wait_fraction = None
     if previous is not None and previous.reachable:
         elapsed = sample.fetched_at - previous.fetched_at
-        waited = sum(sample.get(n.COLLECTIVE_WAIT + "_total", 0.0, collective=c) -
-                     previous.get(n.COLLECTIVE_WAIT + "_total", 0.0, collective=c)
+        waited = sum((sample.get(n.COLLECTIVE_WAIT + "_total", 0.0, collective=c) or 0.0) -
+                     (previous.get(n.COLLECTIVE_WAIT + "_total", 0.0, collective=c) or 0.0)
                      for c in WAIT_COLLECTIVES)
         # a rank sitting inside a collective right now has not banked that wait yet
         waited += min(seconds, elapsed) if collective in WAIT_COLLECTIVES else 0.0

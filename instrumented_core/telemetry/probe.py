@@ -164,6 +164,8 @@ class TelemetryProbe(Probe):
     def _start_phase_span(self, name: str) -> None:
         from opentelemetry import trace
 
+        if self._tracer is None or self._pause_span is None:
+            return
         if self._phase_span is not None:
             self._record_sync_rounds()
             self._phase_span.end()

@@ -149,12 +149,16 @@ def make_exporter(config: TelemetryConfig) -> SpanExporter | None:
                  "opentelemetry.exporter.otlp.proto.grpc.exporter"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     if config.otlp_protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
 
-        return OTLPSpanExporter(endpoint=config.otlp_endpoint, timeout=2)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        return GrpcExporter(endpoint=config.otlp_endpoint, timeout=2)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpExporter,
+    )
 
-    return OTLPSpanExporter(endpoint=config.otlp_endpoint, timeout=2)
+    return HttpExporter(endpoint=config.otlp_endpoint, timeout=2)
 
 
 def make_tracer_provider(
