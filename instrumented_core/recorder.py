@@ -32,16 +32,16 @@ def row_of(sample: RankSample, rank: int) -> dict:
         "phase": PHASE_NAMES.get(int(sample.get(n.PHASE, 0) or 0), "running"),
         "wave": int(sample.get(n.CURRENT_WAVE, 0) or 0),
         "engines_running": bool(sample.get(n.ENGINES_RUNNING, 0)),
-        "steps_real": int(sample.get(n.STEPS + "_total", 0, kind="real") or 0),
-        "steps_dummy": int(sample.get(n.STEPS + "_total", 0, kind="dummy") or 0),
-        "sync_rounds": int(sample.get(n.SYNC_ROUNDS + "_total", 0) or 0),
+        "steps_real": int(sample.get(n.STEPS_TOTAL, 0, kind="real") or 0),
+        "steps_dummy": int(sample.get(n.STEPS_TOTAL, 0, kind="dummy") or 0),
+        "sync_rounds": int(sample.get(n.SYNC_ROUNDS_TOTAL, 0) or 0),
         "sync_inside_seconds": inside[n.COLLECTIVE_SYNC],
         "inside": collective if seconds > 0 else None,
         "inside_seconds": seconds,
-        "start_dp_wave": {o: int(sample.get(n.START_DP_WAVE + "_total", 0, outcome=o) or 0)
+        "start_dp_wave": {o: int(sample.get(n.START_DP_WAVE_TOTAL, 0, outcome=o) or 0)
                           for o in n.WAVE_OUTCOMES},
-        "pause_requests": int(sample.sum(n.PAUSE_REQUESTS + "_total")),
-        "consensus": int(sample.get(n.PAUSE_CONSENSUS + "_total", 0) or 0),
+        "pause_requests": int(sample.sum(n.PAUSE_REQUESTS_TOTAL)),
+        "consensus": int(sample.get(n.PAUSE_CONSENSUS_TOTAL, 0) or 0),
         "last_progress": sample.get(n.LAST_PROGRESS, 0.0),
     }
 

@@ -27,10 +27,10 @@ WAIT_COLLECTIVES = ("step", n.COLLECTIVE_SYNC)
 #: before parsing, which is most of a scrape's client-side cost at 64+ ranks.
 DIAGNOSIS_SERIES = frozenset({
     n.PHASE, n.ENGINES_RUNNING, n.STEPS_UNTIL_SYNC, n.DP_SIZE, n.COLLECTIVE_INSIDE,
-    n.LAST_PROGRESS, n.COLLECTIVE_WAIT + "_total", n.REQUESTS_RUNNING, n.REQUESTS_WAITING,
+    n.LAST_PROGRESS, n.COLLECTIVE_WAIT_TOTAL, n.REQUESTS_RUNNING, n.REQUESTS_WAITING,
     n.WORKER_CALL_INSIDE, n.WORKER_MODEL_COLLECTIVE_INSIDE, n.WORKER_HEARTBEAT_AGE,
-    n.WORKER_MODEL_COLLECTIVES + "_total", n.WORKER_MODEL_COLLECTIVE_SECONDS + "_total",
-    n.WORKER_POSITION + "_info",
+    n.WORKER_MODEL_COLLECTIVES_TOTAL, n.WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL,
+    n.WORKER_POSITION_INFO,
 })
 
 
@@ -131,8 +131,8 @@ def to_view(sample: RankSample, rank: int, previous: RankSample | None = None) -
     wait_fraction = None
     if previous is not None and previous.reachable:
         elapsed = sample.fetched_at - previous.fetched_at
-        waited = sum((sample.get(n.COLLECTIVE_WAIT + "_total", 0.0, collective=c) or 0.0) -
-                     (previous.get(n.COLLECTIVE_WAIT + "_total", 0.0, collective=c) or 0.0)
+        waited = sum((sample.get(n.COLLECTIVE_WAIT_TOTAL, 0.0, collective=c) or 0.0) -
+                     (previous.get(n.COLLECTIVE_WAIT_TOTAL, 0.0, collective=c) or 0.0)
                      for c in WAIT_COLLECTIVES)
         # a rank sitting inside a collective right now has not banked that wait yet
         waited += min(seconds, elapsed) if collective in WAIT_COLLECTIVES else 0.0
@@ -163,9 +163,9 @@ def _worker_fields(sample: RankSample, previous: RankSample | None) -> dict:
     if not call_inside:
         return {}
     coll_inside = sample.by_label(n.WORKER_MODEL_COLLECTIVE_INSIDE, n.LABEL_WORKER)
-    seqs = sample.by_label(n.WORKER_MODEL_COLLECTIVES + "_total", n.LABEL_WORKER)
+    seqs = sample.by_label(n.WORKER_MODEL_COLLECTIVES_TOTAL, n.LABEL_WORKER)
     heartbeat = sample.by_label(n.WORKER_HEARTBEAT_AGE, n.LABEL_WORKER)
-    position = sample.labels_of(n.WORKER_POSITION + "_info", n.LABEL_WORKER)
+    position = sample.labels_of(n.WORKER_POSITION_INFO, n.LABEL_WORKER)
     workers = sorted(call_inside)
     longest = max(workers, key=lambda w: call_inside[w])
     call = position.get(longest, {}).get(n.LABEL_CALL, "none")
@@ -182,7 +182,7 @@ def _worker_fields(sample: RankSample, previous: RankSample | None) -> dict:
         fields["model_collective_seconds"] = coll_inside[first]
     if previous is not None and previous.reachable:
         elapsed = sample.fetched_at - previous.fetched_at
-        name = n.WORKER_MODEL_COLLECTIVE_SECONDS + "_total"
+        name = n.WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL
         now, before = sample.by_label(name, n.LABEL_WORKER), previous.by_label(name, n.LABEL_WORKER)
         if elapsed > 0 and before:
             shares = []

@@ -112,7 +112,7 @@ def pause_sequences(spans: list[dict], ordinal: int) -> dict[int, list[str]] | N
 
 
 def wave_outcomes(sample: RankSample) -> dict[str, int]:
-    return {o: int(sample.get(n.START_DP_WAVE + "_total", 0, outcome=o) or 0)
+    return {o: int(sample.get(n.START_DP_WAVE_TOTAL, 0, outcome=o) or 0)
             for o in n.WAVE_OUTCOMES}
 
 

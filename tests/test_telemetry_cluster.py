@@ -77,19 +77,19 @@ def test_counters_equal_what_the_protocol_did(scripted_pause):
     rounds = set()
     for sample in scripted_pause["samples"]:
         assert sample.reachable
-        assert sample.get(n.PAUSE_REQUESTS + "_total", mode="abort") == 1
-        assert sample.get(n.PAUSE_REQUESTS + "_total", mode="keep") == 0
-        assert sample.get(n.PAUSE_CONSENSUS + "_total") == 1
-        assert sample.get(n.START_DP_WAVE + "_total", outcome="ignored") == IGNORED_WAVES
-        assert sample.get(n.RESUMES + "_total") == 1
-        assert sample.get(n.REQUESTS_FINISHED + "_total", outcome="aborted") == 1
+        assert sample.get(n.PAUSE_REQUESTS_TOTAL, mode="abort") == 1
+        assert sample.get(n.PAUSE_REQUESTS_TOTAL, mode="keep") == 0
+        assert sample.get(n.PAUSE_CONSENSUS_TOTAL) == 1
+        assert sample.get(n.START_DP_WAVE_TOTAL, outcome="ignored") == IGNORED_WAVES
+        assert sample.get(n.RESUMES_TOTAL) == 1
+        assert sample.get(n.REQUESTS_FINISHED_TOTAL, outcome="aborted") == 1
         assert sample.get(n.PHASE) == n.PHASE_RUNNING
         assert sample.get(n.IGNORE_START_DP_WAVE) == 0
         assert sample.get(n.DP_SIZE) == 4
         assert sample.get(n.PAUSE_CONSENSUS_STEPS + "_count") == 1
-        assert sample.get(n.STEPS + "_total", kind="real") > 0
-        assert sample.get(n.STEPS + "_total", kind="dummy") > 0  # pending ranks keep stepping
-        rounds.add(sample.get(n.SYNC_ROUNDS + "_total"))
+        assert sample.get(n.STEPS_TOTAL, kind="real") > 0
+        assert sample.get(n.STEPS_TOTAL, kind="dummy") > 0  # pending ranks keep stepping
+        rounds.add(sample.get(n.SYNC_ROUNDS_TOTAL))
     assert len(rounds) == 1 and rounds.pop() >= 2
 
 
@@ -150,8 +150,8 @@ def test_peers_show_a_stalled_rank_from_inside_the_sync_all_reduce(tmp_path):
     assert first[2].reachable and second[2].reachable
     assert second[2].get(n.COLLECTIVE_INSIDE, collective=n.COLLECTIVE_SYNC) == 0
     assert second[2].get(n.LAST_PROGRESS) == first[2].get(n.LAST_PROGRESS)
-    assert second[2].get(n.STEPS + "_total", kind="real") == first[2].get(
-        n.STEPS + "_total", kind="real")
+    assert second[2].get(n.STEPS_TOTAL, kind="real") == first[2].get(
+        n.STEPS_TOTAL, kind="real")
 
 
 def pause_and_measure(cluster: Cluster, seconds: float = 2.0) -> float:
@@ -164,7 +164,7 @@ def pause_and_measure(cluster: Cluster, seconds: float = 2.0) -> float:
     before = scrape(cluster.metrics_urls[0])
     time.sleep(seconds)
     after = scrape(cluster.metrics_urls[0])
-    steps = sum(after.get(n.STEPS + "_total", kind=k) - before.get(n.STEPS + "_total", kind=k)
+    steps = sum(after.get(n.STEPS_TOTAL, kind=k) - before.get(n.STEPS_TOTAL, kind=k)
                 for k in n.STEP_KINDS)
     return steps / (after.fetched_at - before.fetched_at)
 
@@ -197,7 +197,7 @@ def test_otlp_export_end_to_end_and_an_unresponsive_collector_costs_nothing(tmp_
             deadline = time.monotonic() + 15
             dropped = 0.0
             while time.monotonic() < deadline and not dropped:
-                dropped = scrape(cluster.metrics_urls[0]).get(n.TELEMETRY_DROPPED + "_total",
+                dropped = scrape(cluster.metrics_urls[0]).get(n.TELEMETRY_DROPPED_TOTAL,
                                                               signal="spans")
                 time.sleep(0.5)
         assert dropped >= 1, "spans that could not be exported must be counted as dropped"
@@ -275,9 +275,9 @@ def test_adaptive_cadence_shows_its_extra_rounds_and_reaches_consensus_sooner(tm
             cluster.resume()
         results[cadence] = samples
     for sample in results["fixed"]:
-        assert sample.get(n.SYNC_ROUNDS_EXTRA + "_total") == 0
+        assert sample.get(n.SYNC_ROUNDS_EXTRA_TOTAL) == 0
     for sample in results["adaptive"]:
-        assert sample.get(n.SYNC_ROUNDS_EXTRA + "_total") >= 1
+        assert sample.get(n.SYNC_ROUNDS_EXTRA_TOTAL) >= 1
         assert sample.get(n.SYNC_INTERVAL) == 64  # back to the normal cadence after consensus
     # rank 1 asked last; the split vote before its request switched both ranks to syncing every
     # step, so its pause reaches consensus on the next step or the one after

@@ -78,7 +78,7 @@ def test_legacy_one_phase_pause_hangs_and_doctor_names_the_ranks():
         engine.wait_metrics(30)
         engine.run(asyncio.gather(*(generate(engine.llm, PROMPTS[r], max_tokens=4, dp_rank=r)
                                     for r in (0, 1))), STEP, "warm-up")
-        info = engine.scrape_all()[0].get(n.INFO + "_info", None, protocol="legacy")
+        info = engine.scrape_all()[0].get(n.INFO_SERIES, None, protocol="legacy")
         assert info == 1.0  # the ranks report the legacy protocol
 
         async def staggered():
@@ -100,7 +100,7 @@ def test_legacy_one_phase_pause_hangs_and_doctor_names_the_ranks():
                 _inside(s[1], "step"), _inside(s[1], n.COLLECTIVE_SYNC)) >= 3.0 else None
 
         samples = wait_for(hung, 15, "rank 0 in the barrier, rank 1 stepping")
-        assert (samples[1].get(n.START_DP_WAVE + "_total", 0.0, outcome="acted") or 0) >= 1
+        assert (samples[1].get(n.START_DP_WAVE_TOTAL, 0.0, outcome="acted") or 0) >= 1
         assert not b0.done()
         report = run_doctor(targets=engine.targets, threshold=2.0)
         assert report.verdict.kind == "deadlock", report.render()

@@ -118,15 +118,15 @@ def test_the_engine_endpoint_exposes_each_worker_from_a_fresh_registry():
         w.collective_enter(wb.COLLECTIVE_CODES["reduce_scatterv"])
         labels = {**LABELS, "worker": "0"}
         assert registry.get_sample_value(n.WORKER_CALL_INSIDE, labels) >= 0
-        assert registry.get_sample_value(n.WORKER_MODEL_COLLECTIVES + "_total", labels) == 1
+        assert registry.get_sample_value(n.WORKER_MODEL_COLLECTIVES_TOTAL, labels) == 1
         assert registry.get_sample_value(n.WORKER_HEARTBEAT_AGE, labels) < 60
-        assert registry.get_sample_value(n.WORKER_POSITION + "_info", {
+        assert registry.get_sample_value(n.WORKER_POSITION_INFO, {
             **labels, "call": "execute_model", "collective": "reduce_scatterv"}) == 1
         w.collective_exit()
         w.call_exit()
         assert registry.get_sample_value(n.WORKER_MODEL_COLLECTIVE_INSIDE, labels) == 0
-        assert registry.get_sample_value(n.WORKER_CALLS + "_total", labels) == 1
-        assert registry.get_sample_value(n.WORKER_POSITION + "_info", {
+        assert registry.get_sample_value(n.WORKER_CALLS_TOTAL, labels) == 1
+        assert registry.get_sample_value(n.WORKER_POSITION_INFO, {
             **labels, "call": "none", "collective": "none"}) == 1
     finally:
         w.close()

@@ -422,22 +422,22 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 
 
 COUNTERS = {
-    "pause_keep": (n.PAUSE_REQUESTS + "_total", {"mode": "keep"}),
-    "pause_abort": (n.PAUSE_REQUESTS + "_total", {"mode": "abort"}),
-    "pause_wait": (n.PAUSE_REQUESTS + "_total", {"mode": "wait"}),
-    "consensus": (n.PAUSE_CONSENSUS + "_total", {}),
-    "resumes": (n.RESUMES + "_total", {}),
-    "sync_rounds": (n.SYNC_ROUNDS + "_total", {}),
-    "wave_ignored": (n.START_DP_WAVE + "_total", {"outcome": "ignored"}),
-    "wave_acted": (n.START_DP_WAVE + "_total", {"outcome": "acted"}),
-    "wave_stale": (n.START_DP_WAVE + "_total", {"outcome": "stale"}),
-    "wave_excluded": (n.START_DP_WAVE + "_total", {"outcome": "excluded"}),
-    "steps_real": (n.STEPS + "_total", {"kind": "real"}),
-    "steps_dummy": (n.STEPS + "_total", {"kind": "dummy"}),
+    "pause_keep": (n.PAUSE_REQUESTS_TOTAL, {"mode": "keep"}),
+    "pause_abort": (n.PAUSE_REQUESTS_TOTAL, {"mode": "abort"}),
+    "pause_wait": (n.PAUSE_REQUESTS_TOTAL, {"mode": "wait"}),
+    "consensus": (n.PAUSE_CONSENSUS_TOTAL, {}),
+    "resumes": (n.RESUMES_TOTAL, {}),
+    "sync_rounds": (n.SYNC_ROUNDS_TOTAL, {}),
+    "wave_ignored": (n.START_DP_WAVE_TOTAL, {"outcome": "ignored"}),
+    "wave_acted": (n.START_DP_WAVE_TOTAL, {"outcome": "acted"}),
+    "wave_stale": (n.START_DP_WAVE_TOTAL, {"outcome": "stale"}),
+    "wave_excluded": (n.START_DP_WAVE_TOTAL, {"outcome": "excluded"}),
+    "steps_real": (n.STEPS_TOTAL, {"kind": "real"}),
+    "steps_dummy": (n.STEPS_TOTAL, {"kind": "dummy"}),
     "consensus_count": (n.PAUSE_CONSENSUS_STEPS + "_count", {}),
-    "barrier_seconds": (n.COLLECTIVE_WAIT + "_total", {"collective": "barrier"}),
-    "rpc_seconds": (n.COLLECTIVE_WAIT + "_total", {"collective": "collective_rpc"}),
-    "resume_seconds": (n.COLLECTIVE_WAIT + "_total", {"collective": "resume"}),
+    "barrier_seconds": (n.COLLECTIVE_WAIT_TOTAL, {"collective": "barrier"}),
+    "rpc_seconds": (n.COLLECTIVE_WAIT_TOTAL, {"collective": "collective_rpc"}),
+    "resume_seconds": (n.COLLECTIVE_WAIT_TOTAL, {"collective": "resume"}),
 }
 
 
