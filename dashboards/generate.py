@@ -49,8 +49,10 @@ DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 GROUP = f'{n.LABEL_MODEL_NAME}="$model_name"'
 RANKS = f'{GROUP}, {n.LABEL_ENGINE}=~"$engine"'
 SYNC = f'{n.LABEL_COLLECTIVE}="{n.COLLECTIVE_SYNC}"'
+STEP = f'{n.LABEL_COLLECTIVE}="{n.COLLECTIVE_STEP}"'
 RATE = "$__rate_interval"
 STUCK_SECONDS = 10  # as in otel-config/rules (peers inside the sync all-reduce longer than this)
+WEDGED_SECONDS = 10  # as in otel-config/rules (VllmDpGroupWedged / VllmDpRankWedged thresholds)
 
 PHASE_COLORS = {n.PHASE_RUNNING: "green", n.PHASE_PENDING_PAUSE: "yellow", n.PHASE_PAUSED: "blue"}
 
@@ -265,7 +267,8 @@ def stuck_rank() -> db.Dashboard:
         "vLLM DP / Stuck rank",
         "vllm-dp-stuck-rank",
         "Which DP rank holds the group up: the rank that is not in the sync all-reduce while "
-        "its peers wait inside it, its phase, and the waiting peers.",
+        "its peers wait inside it, its phase, and the waiting peers; inside the forward step, "
+        "the rank whose workers are frozen or never reach the model collective.",
     )
     d = d.with_panel(
         text.Panel().title("How to read this").span(24).height(4).mode("markdown")
@@ -273,7 +276,12 @@ def stuck_rank() -> db.Dashboard:
             "A rank that stops before the periodic `sync_dp_state` all-reduce leaves its peers "
             f"waiting inside it; after {STUCK_SECONDS} s the **culprit** below is the rank that is "
             "*not* inside it and not progressing. Confirm with "
-            "`instrumented-core doctor --targets host:port,...`. Runbooks: "
+            "`instrumented-core doctor --targets host:port,...`. Inside the forward step "
+            "(bottom row): with requests in flight, the wedged rank sits in `step` while its "
+            "workers are *not* in a model collective (or have no heartbeat) and its peers' "
+            "workers wait in one. Runbooks: "
+            f"[VllmDpGroupWedged]({RUNBOOKS}#vllmdpgroupwedged), "
+            f"[VllmDpRankWedged]({RUNBOOKS}#vllmdprankwedged), "
             f"[VllmDpSyncAllReduceStuck]({RUNBOOKS}#vllmdpsyncallreducestuck), "
             f"[VllmDpRankNotProgressing]({RUNBOOKS}#vllmdpranknotprogressing), "
             f"[VllmDpPauseConsensusSlow]({RUNBOOKS}#vllmdppauseconsensusslow), "
@@ -342,6 +350,48 @@ def stuck_rank() -> db.Dashboard:
              "wave step engine {{engine}}", "B"),
            q(f"max by ({n.LABEL_ENGINE}) ({n.CURRENT_WAVE}{{{RANKS}}})",
              "wave engine {{engine}}", "C"))
+    )
+    # Inside the forward step: the engine core waits for its workers; the workers' view comes
+    # from the worker board (series only where vLLM workers publish them).
+    d = d.with_row(db.Row("Inside the forward step"))
+    d = d.with_panel(
+        ts("Seconds inside step per rank",
+           "How long each rank's engine core has been inside the current step, waiting for "
+           "its workers' forward (real and dummy steps; 0 between steps). Healthy steps take "
+           f"milliseconds to a second; over {WEDGED_SECONDS} s with requests in flight is a "
+           "wedge (VllmDpRankWedged / VllmDpGroupWedged).", "s",
+           q(f"max by ({n.LABEL_ENGINE}) ({n.COLLECTIVE_INSIDE}{{{RANKS}, {STEP}}})",
+             "engine {{engine}}"))
+        .links([runbook_link("VllmDpRankWedged")])
+    )
+    d = d.with_panel(
+        ts("Seconds inside a model collective per rank (longest worker)",
+           "How long the rank's workers have been inside the current DP/EP collective of the "
+           "forward (MoE dispatch / combine, DP batch coordination), the longest of its "
+           "workers; 0 when none is inside. Peers climbing while one rank stays at 0 inside "
+           "a step: that rank never reached the collective (the culprit).", "s",
+           q(f"max by ({n.LABEL_ENGINE}) ({n.WORKER_MODEL_COLLECTIVE_INSIDE}{{{RANKS}}})",
+             "engine {{engine}}"))
+        .links([runbook_link("VllmDpRankWedged")])
+    )
+    d = d.with_panel(
+        ts("Worker heartbeat age per rank (oldest worker)",
+           "Seconds since the rank's least recent worker heartbeat (written every 0.25 s by a "
+           "thread of the worker). Waiting in a collective or a kernel keeps it near 0; it grows "
+           "only while the worker process is frozen (SIGSTOP, or C code holding the GIL).", "s",
+           q(f"max by ({n.LABEL_ENGINE}) ({n.WORKER_HEARTBEAT_AGE}{{{RANKS}}})",
+             "engine {{engine}}"))
+        .links([runbook_link("VllmDpRankWedged")])
+    )
+    d = d.with_panel(
+        ts("Requests in flight per rank (running + waiting)",
+           "Requests each rank's scheduler holds: busy or idle, explicitly. No progress with "
+           "requests in flight on a rank that is not paused is a wedge; no progress with none "
+           "is idle; a paused rank may hold kept requests.", "none",
+           q(f"sum by ({n.LABEL_ENGINE}) ({n.REQUESTS_RUNNING}{{{RANKS}}}) + "
+             f"sum by ({n.LABEL_ENGINE}) ({n.REQUESTS_WAITING}{{{RANKS}}})",
+             "engine {{engine}}"))
+        .links([runbook_link("VllmDpGroupWedged")])
     )
     return d
 

@@ -1,14 +1,17 @@
 """The ops bundle, live: a real Prometheus and Alertmanager against a real CPU cluster.
 
 Each test starts its own DP 4 cluster (metrics on free loopback ports) and its own Prometheus
-(fresh storage, so one test's series and alerts never leak into the other's assertions); the
-module shares one Alertmanager and the webhook receiver it delivers to. Both configs are
-derived from the shipped ones (``otel-config/prometheus.yml``, ``otel-config/alertmanager.yml``):
-only the targets, ports and intervals change, the rule files are the shipped ones unchanged.
-Every process is ended in ``finally``; every wait is bounded; a missing binary fails the test.
+(``prom_helpers.running_prometheus``: fresh storage, so one test's series and alerts never leak
+into the other's assertions); the module shares one Alertmanager and the webhook receiver it
+delivers to. Both configs are derived from the shipped ones (``otel-config/prometheus.yml``,
+``otel-config/alertmanager.yml``): only the targets, ports and intervals change, the rule files
+are the shipped ones unchanged. Every process is ended in ``finally``; every wait is bounded; a
+missing binary fails the test.
 
-- a stalled rank: every dashboard panel query returns data, ``VllmDpSyncAllReduceStuck`` fires
-  with the stalled rank's ``engine`` label and the Alertmanager delivers it to the webhook;
+- a stalled rank: every dashboard panel query returns data (the worker panels wherever the
+  cluster publishes worker series), ``VllmDpSyncAllReduceStuck`` fires with the stalled rank's
+  ``engine`` label and the Alertmanager delivers it to the webhook; the group, holding a
+  request and progressing nowhere, also fires ``VllmDpGroupWedged`` with its labels;
 - an idle period longer than every threshold, the wake-up after it (ranks scraped at different
   instants) and normal keep pauses under traffic: no alert, not even a pending one.
 """
@@ -16,12 +19,9 @@ Every process is ended in ``finally``; every wait is bounded; a missing binary f
 from __future__ import annotations
 
 import json
-import subprocess
+import random
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,64 +36,19 @@ from instrumented_core.doctor import run_doctor
 from instrumented_core.telemetry import TelemetryConfig
 from instrumented_core.telemetry import names as n
 from conftest import require_tool
+from prom_helpers import JOB, OTEL, Server, get_json, running_prometheus, target
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.cluster]
 
-ROOT = Path(__file__).resolve().parents[1]
-OTEL = ROOT / "otel-config"
-JOB = "vllm-dp"
 STUCK_ALERT = "VllmDpSyncAllReduceStuck"
+GROUP_ALERT = "VllmDpGroupWedged"
+RANK_ALERT = "VllmDpRankWedged"
 STALLED_RANK = 2
 RANKS = 4
 INTERVAL = "1s"  # scrape and rule evaluation
 
 
-# --- processes and HTTP ----------------------------------------------------------------------
-
-
-class Server:
-    """A binary started on a free loopback port, its output in a log file; ``stop`` ends it."""
-
-    def __init__(self, name: str, argv: list[str], url: str, log: Path) -> None:
-        self.name, self.url, self.log = name, url, log
-        self._log_file = log.open("wb")
-        self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-
-    def wait_ready(self, path: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(self.url + path, timeout=1.0) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{self.name} not ready on {self.url}{path} within {timeout} s:\n"
-                            f"{self.tail()}")
-            time.sleep(0.2)
-
-    def tail(self, lines: int = 30) -> str:
-        self._log_file.flush()
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log_file.close()
-
-
-def get_json(url: str, timeout: float = 5.0):
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
+# --- the Alertmanager webhook ----------------------------------------------------------------
 
 
 class Webhook:
@@ -131,34 +86,6 @@ class Webhook:
         self._thread.join(5)
 
 
-class Prometheus(Server):
-    def query(self, expr: str, at: float | None = None) -> list[dict]:
-        params = {"query": expr}
-        if at is not None:
-            params["time"] = f"{at:.3f}"
-        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}"
-        try:
-            body = get_json(url)
-        except urllib.error.HTTPError as e:
-            pytest.fail(f"query failed ({e.code}): {expr}\n{e.read().decode(errors='replace')}")
-        assert body["status"] == "success", body
-        return body["data"]["result"]
-
-    def alerts(self) -> list[dict]:
-        """Pending and firing alerts, as /api/v1/alerts lists them."""
-        return get_json(f"{self.url}/api/v1/alerts")["data"]["alerts"]
-
-    def wait_for(self, what: str, condition, timeout: float, poll: float = 0.5):
-        deadline = time.monotonic() + timeout
-        while True:
-            result = condition()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                pytest.fail(f"{what}: not within {timeout} s\n{self.tail(10)}")
-            time.sleep(poll)
-
-
 # --- configs derived from the shipped ones ---------------------------------------------------
 
 
@@ -169,33 +96,6 @@ def alertmanager_config(webhook_url: str) -> dict:
     for hook in hooks:
         hook["url"] = webhook_url
     return config
-
-
-def prometheus_config(targets: list[str], alertmanager: str) -> dict:
-    """The shipped prometheus.yml with this cluster's rank targets, 1 s intervals, this
-    Alertmanager, and the shipped rule files (by absolute path)."""
-    config = yaml.safe_load((OTEL / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval=INTERVAL, scrape_timeout=INTERVAL,
-                            evaluation_interval=INTERVAL)
-    config["rule_files"] = [str((OTEL / f).resolve()) for f in config["rule_files"]]
-    assert [r for r in config["rule_files"] if r.endswith("alerts.yml")], config["rule_files"]
-    config["alerting"]["alertmanagers"] = [{"static_configs": [{"targets": [alertmanager]}]}]
-    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    ranks = jobs[JOB]
-    shipped = [t for sc in ranks["static_configs"] for t in sc["targets"]]
-    assert len(shipped) == RANKS, f"shipped {JOB} job should list {RANKS} rank targets"
-    # As shipped: one target per rank and no `engine` target label (the ranks export theirs).
-    assert all("engine" not in sc.get("labels", {}) for sc in ranks["static_configs"])
-    ranks["static_configs"] = [{"targets": targets}]
-    # No collector runs here; its job would only add a down target.
-    config["scrape_configs"] = [ranks]
-    return config
-
-
-def target(url: str) -> str:
-    parsed = urllib.parse.urlparse(url)
-    assert parsed.path == "/metrics", url
-    return parsed.netloc
 
 
 @pytest.fixture(scope="module")
@@ -223,28 +123,14 @@ def alertmanager(tmp_path_factory):
 
 @contextmanager
 def prometheus(tmp: Path, cluster: Cluster, alertmanager: Server):
-    binary = require_tool("prometheus")
-    config = prometheus_config([target(u) for u in cluster.metrics_urls],
-                               alertmanager.url.removeprefix("http://"))
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    server = Prometheus("prometheus", [
-        binary, f"--config.file={tmp / 'prometheus.yml'}",
-        f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.path={tmp / 'data'}",
-        "--log.level=warn",
-    ], f"http://127.0.0.1:{port}", tmp / "prometheus.log")
-    try:
-        server.wait_ready("/-/ready")
-        # Every rank scraped, with its own engine label, at least twice (rates need two).
-        server.wait_for("every rank target up", lambda: len(server.query(
-            f'count_over_time(up{{job="{JOB}"}}[1m]) >= 2 and up{{job="{JOB}"}} == 1')) == RANKS,
-            timeout=20)
+    """The shipped rules scraping this cluster's ranks, alerting to this Alertmanager."""
+    with running_prometheus(cluster.metrics_urls, tmp, interval=INTERVAL,
+                            alertmanager=alertmanager.url.removeprefix("http://")) as server:
+        # Every rank scraped (twice: rates need two), each with its own engine label.
         engines = {s["metric"]["engine"]: s["metric"]["instance"]
                    for s in server.query(f'{n.PHASE}{{job="{JOB}"}}')}
         assert engines == {str(r): target(u) for r, u in enumerate(cluster.metrics_urls)}
         yield server
-    finally:
-        server.stop()
 
 
 def cluster_config(tmp: Path, model_name: str) -> ClusterConfig:
@@ -295,18 +181,31 @@ def test_stalled_rank_feeds_every_panel_and_its_stuck_alert_reaches_the_webhook(
         assert f"Rank {STALLED_RANK} of {model}" in description
         assert f"(engines {peers})" in description, description
 
+        # The group holds a request (rank 0) and no rank progresses: the group alert fires
+        # too, with the group's labels only (no single culprit), the busy rank listed.
+        [group] = prom.wait_for_alert(GROUP_ALERT, timeout=20, labels={"model_name": model})
+        assert group == {"alertname": GROUP_ALERT, "severity": "critical", "job": JOB,
+                         "model_name": model}
+        [group_alert] = prom.alerts(GROUP_ALERT)
+        assert "engine 0: 1" in group_alert["annotations"]["description"], group_alert
+
         # Every panel query, with the variables filled in, returns data now. The rate window
-        # covers the pause and the traffic before the stall.
+        # covers the pause and the traffic before the stall. The worker panels need worker
+        # series, which only a cluster with workers on the worker board publishes.
         now = time.time()
-        empty = []
+        workers = bool(prom.query(f'{n.WORKER_HEARTBEAT_AGE}{{job="{JOB}"}}', at=now))
+        empty, without_workers = [], []
         panels = 0
         for name, queries in expanded_queries(model, rate_interval="2m").items():
             for title, expr in queries:
                 panels += 1
                 if not prom.query(expr, at=now):
-                    empty.append(f"{name}: {title!r}: {expr}")
-        assert panels >= 15
+                    reads_workers = "vllm_dp_worker_" in expr
+                    (without_workers if reads_workers and not workers else empty).append(
+                        f"{name}: {title!r}: {expr}")
+        assert panels >= 19
         assert not empty, "panel queries without data:\n" + "\n".join(empty)
+        assert len(without_workers) <= 2, without_workers
         culprit = dict(expanded_queries(model)["stuck_rank.json"])["Culprit rank (stalled for)"]
         assert [s["metric"]["engine"] for s in prom.query(culprit, at=now)] == [str(STALLED_RANK)]
 
@@ -327,7 +226,48 @@ def test_stalled_rank_feeds_every_panel_and_its_stuck_alert_reaches_the_webhook(
         assert report.verdict.victims == [r for r in range(RANKS) if r != STALLED_RANK]
     elapsed = time.monotonic() - started
     # Not asserted (the machine is shared): about 50 s, the alert about 27 s after the stall.
-    print(f"stuck alert fired {fired_after:.1f} s after the stall; test took {elapsed:.1f} s")
+    print(f"stuck alert fired {fired_after:.1f} s after the stall; worker series: {workers}; "
+          f"test took {elapsed:.1f} s")
+
+
+def test_a_rank_whose_worker_stalls_inside_the_forward_is_named_by_the_rank_wedged_alert(
+        tmp_path, alertmanager):
+    """Issue 17 on the cluster's engine/worker split: one rank's worker stops inside the
+    forward before the model collective; its engine core waits in step, its peers' workers
+    wait in the collective. Nobody is inside a cross-rank collective, so only the new alerts
+    can name it."""
+    model = "live-worker-stall"
+    rank = random.randrange(RANKS)
+    started = time.monotonic()
+    with Cluster(cluster_config(tmp_path, model)) as cluster, \
+            prometheus(tmp_path, cluster, alertmanager) as prom:
+        for r in range(RANKS):
+            cluster.generate(100_000, rank=r)  # in flight until the end of the test
+        time.sleep(1.0)
+        cluster.inject_fault(rank, "worker_stall")
+        stalled_at = time.monotonic()
+        # 10 s inside step + for: 15s + scrape / evaluation delays.
+        [labels] = prom.wait_for_alert(RANK_ALERT, timeout=45, labels={"model_name": model})
+        fired_after = time.monotonic() - stalled_at
+        assert labels == {"alertname": RANK_ALERT, "severity": "critical", "job": JOB,
+                          "model_name": model, "engine": str(rank),
+                          "instance": target(cluster.metrics_urls[rank])}
+        [alert] = prom.alerts(RANK_ALERT)
+        description = alert["annotations"]["description"]
+        assert description.startswith(f"Rank {rank} of {model} (job {JOB}) is wedged inside "
+                                      "step"), description
+        assert "Peers' workers wait in a model collective" in description, description
+        assert f"Rank {rank} is the culprit" in description
+        # The group holds work on every rank and progresses nowhere.
+        [group] = prom.wait_for_alert(GROUP_ALERT, timeout=20, labels={"model_name": model})
+        assert set(group) == {"alertname", "severity", "job", "model_name"}
+        # Only the wedged rank is named, and the sync all-reduce alert has no part in it.
+        assert [a["labels"]["engine"] for a in prom.alerts(RANK_ALERT)] == [str(rank)]
+        assert prom.alerts(STUCK_ALERT) == []
+    elapsed = time.monotonic() - started
+    # Not asserted (the machine is shared): about 25-30 s after the stall.
+    print(f"rank {rank}'s worker stalled: {RANK_ALERT} fired {fired_after:.1f} s later; test "
+          f"took {elapsed:.1f} s\n  {description}")
 
 
 IDLE_SECONDS = 31  # longer than every threshold of the rules (10 s stuck, 30 s not progressing)
@@ -377,11 +317,9 @@ def test_idle_time_and_normal_pauses_fire_nothing_not_even_pending(tmp_path, ale
         paused = prom.query(f'max_over_time({n.PHASE}{{job="{JOB}"}}[{window}s]) == '
                             f'{n.PHASE_PAUSED}', at=run_end)
         assert len(paused) == RANKS, "Prometheus never saw the ranks paused"
-        # This Prometheus has lived less than 10 minutes: its whole history, pending included.
-        alerts = prom.query("count_over_time(ALERTS[10m])", at=run_end)
-        assert alerts == [], f"alerts during normal pauses / idle: {alerts}"
+        # Its whole history (ALERTS, pending included) and now: nothing.
+        prom.assert_no_alerts()
         assert seen == [], f"/api/v1/alerts listed: {seen}"
-        assert prom.alerts() == []
     am_alerts = get_json(f"{alertmanager.url}/api/v2/alerts")
     assert [a for a in am_alerts if a["labels"].get("model_name") == model] == []
     assert [a for a in alertmanager.webhook.alerts()
