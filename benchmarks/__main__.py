@@ -1,8 +1,10 @@
 """``python -m benchmarks [--quick] [--only SECTION ...] [--no-alert]``: JSON lines on stdout.
 
-Sections: overhead, detection, pause, scale, exporter, vllm (the real engine; not in --quick).
-Progress goes to stderr. Every child process (cluster ranks, Gloo workers, Prometheus, vLLM
-engines) is ended before the command returns.
+Sections, run in this order (also with --only): overhead, detection, pause, scale, exporter,
+vllm (the real engine; not in --quick), hooks (the vLLM step wrapper and the worker board;
+against the vllm section's step when it ran in the same invocation). Progress goes to stderr.
+Every child process (cluster ranks, Gloo workers, Prometheus, vLLM engines) is ended before
+the command returns.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import sys
 import time
 
-SECTIONS = ("overhead", "detection", "pause", "scale", "exporter", "vllm")
+SECTIONS = ("overhead", "detection", "pause", "scale", "exporter", "vllm", "hooks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,12 +28,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
 
-    from benchmarks import detection, exporter, overhead, pause_latency, scale, vllm_engine
+    from benchmarks import (
+        detection,
+        exporter,
+        hooks,
+        overhead,
+        pause_latency,
+        scale,
+        vllm_engine,
+    )
     from benchmarks.common import cleanup, emit, log
 
-    sections = args.only or [s for s in SECTIONS if not (args.quick and s == "vllm")]
+    sections = [s for s in SECTIONS if (s in args.only if args.only else
+                                        not (args.quick and s == "vllm"))]
     started = time.monotonic()
     step_seconds = None
+    vllm_measured = None
     failed = []
     for section in sections:
         t0 = time.monotonic()
@@ -48,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             elif section == "exporter":
                 exporter.run(args.quick)
             elif section == "vllm":
-                vllm_engine.run(args.quick)
+                vllm_measured = vllm_engine.run(args.quick)
+            elif section == "hooks":
+                hooks.run(args.quick, vllm_measured)
         except Exception as e:  # noqa: BLE001 - one failed section must not hide the others
             failed.append(section)
             log(f"{section} failed: {e!r}")

@@ -125,9 +125,15 @@ def micro(quick: bool) -> dict:
     return times
 
 
-# -- Gloo all-reduce of the 2-int sync tensor ---------------------------------------------------
+# -- Gloo collectives: the 2-int sync all-reduce, the MoE dispatch all-gather ------------------
 
-def _allreduce_worker(rank: int, world: int, port: int, number: int, go, out) -> None:
+#: What ``GlooAllReduce`` can time: the sync tensor's all-reduce (vLLM's ``sync_dp_state``), and
+#: an all-gather of 64 floats (the MoE dispatch primitive on CPU, for the worker board's goal).
+GLOO_OPS = ("all_reduce_2int", "all_gather_64f")
+
+
+def _allreduce_worker(rank: int, world: int, port: int, number: int, go, out,
+                      op: str = "all_reduce_2int") -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch
     import torch.distributed as dist
@@ -135,16 +141,26 @@ def _allreduce_worker(rank: int, world: int, port: int, number: int, go, out) ->
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
-    tensor = torch.tensor([1, 0], dtype=torch.int32)
+    if op == "all_gather_64f":
+        tensor = torch.ones(64, dtype=torch.float32)
+        gathered = [torch.empty_like(tensor) for _ in range(world)]
+
+        def collective() -> None:
+            dist.all_gather(gathered, tensor)
+    else:
+        tensor = torch.tensor([1, 0], dtype=torch.int32)
+
+        def collective() -> None:
+            dist.all_reduce(tensor)
     out.put(("ready", rank))
     if not go.wait(300):
         return
     for _ in range(200):
-        dist.all_reduce(tensor)
+        collective()
     samples = []
     for _ in range(number):
         t0 = time.perf_counter()
-        dist.all_reduce(tensor)
+        collective()
         samples.append(time.perf_counter() - t0)
     dist.barrier()
     if rank == 0:
@@ -154,34 +170,48 @@ def _allreduce_worker(rank: int, world: int, port: int, number: int, go, out) ->
 
 class GlooAllReduce:
     """Two processes with a Gloo group, started early (start-up overlaps other start-ups);
-    they run the timed all-reduces only on ``measure()``, when the machine is otherwise idle."""
+    they run the timed collectives (``op``, one of ``GLOO_OPS``) only on ``measure()``, when
+    the machine is otherwise idle."""
 
-    def __init__(self, quick: bool, world: int = 2) -> None:
+    def __init__(self, quick: bool, world: int = 2, op: str = "all_reduce_2int") -> None:
         from instrumented_core.cluster.client import free_port
 
+        if op not in GLOO_OPS:
+            raise ValueError(f"op must be one of {GLOO_OPS}, not {op!r}")
         ctx = mp.get_context("spawn")
         self.go = ctx.Event()
         self.out = ctx.Queue()
         self.world = world
+        self.op = op
+        self._ready = 0
         number = 1000 if quick else 5000
         port = free_port()
         self.procs = [ctx.Process(target=_allreduce_worker,
-                                  args=(r, world, port, number, self.go, self.out), daemon=True)
+                                  args=(r, world, port, number, self.go, self.out, op),
+                                  daemon=True)
                       for r in range(world)]
         for p in self.procs:
             p.start()
 
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        """Block until every process has joined the group; they then idle until measure()."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self._ready < self.world:
+                kind, _ = self.out.get(timeout=max(0.1, deadline - time.monotonic()))
+                self._ready += kind == "ready"
+        except queue.Empty:
+            self.close()
+            raise RuntimeError(f"Gloo {self.op} processes did not start in time") from None
+
     def measure(self, timeout: float = 90.0) -> dict:
         try:
-            ready = 0
             deadline = time.monotonic() + timeout
-            while ready < self.world:
-                kind, _ = self.out.get(timeout=max(0.1, deadline - time.monotonic()))
-                ready += kind == "ready"
+            self.wait_ready(timeout)
             self.go.set()
             kind, samples = self.out.get(timeout=max(0.1, deadline - time.monotonic()))
         except queue.Empty:
-            raise RuntimeError("Gloo all-reduce benchmark produced no samples in time") from None
+            raise RuntimeError(f"Gloo {self.op} benchmark produced no samples in time") from None
         finally:
             self.close()
         us = [x * 1e6 for x in samples]

