@@ -5,7 +5,9 @@ worker process, a test-only switch file that holds every worker inside a model c
 slow ``collective_rpc``), and after each one the engine must be healthy again with nothing
 lost. The faulted rank is drawn at random (seeded; ``IC_SEED`` replays) so both ranks get
 named over runs. Everything is read as an operator would: the doctor over each engine core's
-``/metrics``.
+``/metrics``, and a real Prometheus scraping both ranks with the shipped alert rules (the
+frozen worker must fire ``VllmDpRankWedged`` naming its rank; the idle engine, held past every
+alert threshold, must fire nothing, not even pending).
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ def engine(tmp_path_factory):
         eng.close()
 
 
+@pytest.fixture(scope="module")
+def prom(engine, tmp_path_factory):
+    from prom_helpers import running_prometheus
+
+    with running_prometheus(engine.metrics_urls, tmp_path_factory.mktemp("prom")) as server:
+        yield server
+
+
 def _kind(kind: str, culprits: list[int] | None = None):
     def accept(report) -> bool:
         v = report.verdict
@@ -71,25 +81,32 @@ async def _healthy_again(engine) -> None:
                        "healthy again")
 
 
-def test_an_idle_engine_held_past_every_threshold_is_healthy_and_idle(engine):
+IDLE_HOLD = 30.0  # past the wedge alerts' 10 s threshold + for: 15s, and the doctor's 2 s
+
+
+def test_an_idle_engine_held_past_every_threshold_is_healthy_idle_and_fires_nothing(engine,
+                                                                                     prom):
     from vllm_helpers import doctor_until
 
     async def scenario():
-        # idle: nobody has requests, and nothing has progressed for longer than the threshold
+        # idle: nobody has requests, and nothing has progressed for longer than every threshold
         def idle_long(report) -> bool:
-            views = report.verdict
-            return views.kind == "healthy" and "idle" in views.summary and all(
+            verdict = report.verdict
+            return verdict.kind == "healthy" and "idle" in verdict.summary and all(
                 time.time() - (s.get("vllm_dp_last_progress_timestamp_seconds") or 0)
-                > 3 * THRESHOLD for s in report.samples)
-        report, _ = await doctor_until(engine.targets, idle_long, 30, "idle past thresholds")
+                > IDLE_HOLD for s in report.samples)
+        report, _ = await doctor_until(engine.targets, idle_long, IDLE_HOLD + 30,
+                                       "idle past every threshold")
         return report
 
-    report = engine.run(scenario(), 60, "idle")
+    report = engine.run(scenario(), IDLE_HOLD + 60, "idle")
     assert report.exit_code == 0
     assert report.verdict.culprits == [], report.render()
+    prom.assert_no_alerts()  # nothing fired or went pending while the engine sat idle
 
 
-def test_a_frozen_worker_on_a_random_rank_is_named_and_sigcont_loses_nothing(engine, rng):
+def test_a_frozen_worker_on_a_random_rank_is_named_alerted_and_sigcont_loses_nothing(
+        engine, rng, prom):
     from vllm_helpers import Traffic, doctor_until
 
     rank = rng.choice((0, 1))
@@ -101,10 +118,15 @@ def test_a_frozen_worker_on_a_random_rank_is_named_and_sigcont_loses_nothing(eng
             await doctor_until(engine.targets, lambda r: "requests in flight" in
                                r.verdict.summary and r.verdict.kind == "healthy", 30,
                                "traffic on both ranks")
+            frozen_at = time.monotonic()
             worker.send_signal(signal.SIGSTOP)
             try:
                 report, seconds = await doctor_until(
                     engine.targets, _kind("stuck", [rank]), 20, f"rank {rank} named")
+                loop = asyncio.get_running_loop()
+                firing = await loop.run_in_executor(
+                    None, lambda: prom.wait_for_alert("VllmDpRankWedged", timeout=90))
+                alert_seconds = time.monotonic() - frozen_at
             finally:
                 worker.send_signal(signal.SIGCONT)
             finished = await traffic.stop()
@@ -112,10 +134,13 @@ def test_a_frozen_worker_on_a_random_rank_is_named_and_sigcont_loses_nothing(eng
             traffic.cancel()
             raise
         await _healthy_again(engine)
-        return report, seconds, finished
+        return report, seconds, finished, firing, alert_seconds
 
-    report, seconds, finished = engine.run(scenario(), 180, "frozen worker")
-    print(f"frozen worker of rank {rank} named after {seconds:.1f} s:\n{report.render()}")
+    report, seconds, finished, firing, alert_seconds = engine.run(scenario(), 240,
+                                                                  "frozen worker")
+    print(f"frozen worker of rank {rank} named after {seconds:.1f} s, alert firing after "
+          f"{alert_seconds:.1f} s:\n{report.render()}")
+    assert [a["engine"] for a in firing] == [str(rank)], firing  # the rank, not its peer
     text = report.render()
     assert f"culprit: rank {rank}" in text
     assert "frozen" in text
