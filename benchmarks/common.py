@@ -7,7 +7,8 @@ import math
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _RESULTS: list[dict] = []
 

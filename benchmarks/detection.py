@@ -119,10 +119,10 @@ def _doctor_verdict(urls: list[str], threshold: float):
 
 
 def run(quick: bool, with_alert: bool) -> None:
+    from benchmarks.overhead import telemetry_on
     from instrumented_core.cluster import ClusterConfig
     from instrumented_core.scrape import scrape_all
     from instrumented_core.telemetry import names as n
-    from benchmarks.overhead import telemetry_on
 
     binary = shutil.which("prometheus") or ("/usr/bin/prometheus"
                                              if os.path.exists("/usr/bin/prometheus") else None)

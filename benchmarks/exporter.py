@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.common import (emit, interleaved, log, median, start_clusters,
-                               stop_clusters, tempdir)
+from benchmarks.common import emit, interleaved, log, median, start_clusters, stop_clusters, tempdir
 
 
 def _run(cluster, tokens: int, cycles: int) -> tuple[float, float]:
@@ -27,11 +26,11 @@ def _run(cluster, tokens: int, cycles: int) -> tuple[float, float]:
 
 
 def run(quick: bool) -> None:
+    from benchmarks.overhead import burst_rate, telemetry_on
     from instrumented_core.cluster import ClusterConfig
     from instrumented_core.scrape import scrape_all
     from instrumented_core.telemetry import names as n
     from instrumented_core.telemetry.otlp_sink import BlackholeServer, OtlpSink
-    from benchmarks.overhead import burst_rate, telemetry_on
 
     ranks = 2
     reps = 2 if quick else 8

@@ -18,8 +18,17 @@ import queue
 import time
 from pathlib import Path
 
-from benchmarks.common import (emit, interleaved, log, median, per_call_seconds, percentile,
-                               start_clusters, stop_clusters, tempdir)
+from benchmarks.common import (
+    emit,
+    interleaved,
+    log,
+    median,
+    per_call_seconds,
+    percentile,
+    start_clusters,
+    stop_clusters,
+    tempdir,
+)
 
 STEP_GOAL_US = 2.0
 STEP_GOAL_FRACTION = 0.01

@@ -26,8 +26,7 @@ from __future__ import annotations
 import random
 import time
 
-from benchmarks.common import (emit, log, median, percentile, start_clusters,
-                               stop_clusters, tempdir)
+from benchmarks.common import emit, log, median, percentile, start_clusters, stop_clusters, tempdir
 
 SEED = 20240607
 
@@ -179,8 +178,8 @@ def cluster_pauses(cluster, pauses: int, seed: int, step_s: float, interval: int
 
 def run_cluster(quick: bool) -> float:
     """Returns the measured seconds per step (telemetry on, 1 ms model time)."""
-    from instrumented_core.cluster import ClusterConfig
     from benchmarks.overhead import burst_rate, telemetry_on
+    from instrumented_core.cluster import ClusterConfig
 
     dp = 2 if quick else 4
     pauses = 12 if quick else 40

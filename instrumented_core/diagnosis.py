@@ -40,8 +40,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from instrumented_core.telemetry.names import (COLLECTIVE_STEP, CROSS_RANK_COLLECTIVES,
-                                               ENGINE_TO_WORKER_CALLS)
+from instrumented_core.telemetry.names import (
+    COLLECTIVE_STEP,
+    CROSS_RANK_COLLECTIVES,
+    ENGINE_TO_WORKER_CALLS,
+)
 
 VERDICTS = ("healthy", "pausing", "paused", "stuck", "deadlock", "wedged", "slow")
 

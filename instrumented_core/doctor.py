@@ -12,8 +12,13 @@ import urllib.request
 from dataclasses import dataclass
 
 from instrumented_core.diagnosis import Verdict, diagnose
-from instrumented_core.scrape import (DIAGNOSIS_SERIES, RankSample, prometheus_samples, scrape_all,
-                                     to_view)
+from instrumented_core.scrape import (
+    DIAGNOSIS_SERIES,
+    RankSample,
+    prometheus_samples,
+    scrape_all,
+    to_view,
+)
 
 EXIT_OK, EXIT_SLOW, EXIT_STUCK, EXIT_UNREACHABLE = 0, 1, 2, 3
 

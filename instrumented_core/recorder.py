@@ -65,7 +65,7 @@ class Recorder:
         self._listeners: list = []
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
 
-    def start(self) -> "Recorder":
+    def start(self) -> Recorder:
         self._thread.start()
         return self
 

@@ -10,9 +10,9 @@ import json
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Collection
 
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -14,7 +14,7 @@ from instrumented_core.diagnosis import VERDICTS, RankView, diagnose
 T = 2.0  # threshold
 
 
-def R(rank, **kw) -> RankView:  # noqa: N802 - a short constructor keeps the table readable
+def R(rank, **kw) -> RankView:
     return RankView(rank=rank, **kw)
 
 

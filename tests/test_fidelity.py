@@ -31,7 +31,6 @@ from pathlib import Path
 
 import pytest
 
-
 from instrumented_core.cluster import Cluster, ClusterConfig
 from instrumented_core.cluster.scenarios import upstream_deadlock_scenario
 from instrumented_core.scrape import RankSample, scrape

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import require_tool
+from prom_helpers import JOB, OTEL, Server, get_json, running_prometheus, target
 
 from dashboards.generate import expanded_queries
 from instrumented_core.cluster import Cluster, ClusterConfig
@@ -35,8 +37,6 @@ from instrumented_core.cluster.client import free_port
 from instrumented_core.doctor import run_doctor
 from instrumented_core.telemetry import TelemetryConfig
 from instrumented_core.telemetry import names as n
-from conftest import require_tool
-from prom_helpers import JOB, OTEL, Server, get_json, running_prometheus, target
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.cluster]
 
@@ -60,7 +60,7 @@ class Webhook:
         received = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server API)
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with received._lock:
                     received.payloads.append(json.loads(body))

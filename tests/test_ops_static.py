@@ -55,7 +55,7 @@ OTELCOL_CONTRIB = {
         "httpcheck", "jmx", "redis", "postgresql", "mysql", "mongodb", "nginx", "apache",
         "elasticsearch", "rabbitmq", "sqlquery", "windowseventlog", "windowsperfcounters",
         "awsxray", "awscloudwatch", "datadog", "splunk_hec", "signalfx", "skywalking",
-        "purefa", "snmp", "sshcheck", "statsd", "otlpjsonfile", "webhookevent", "filestats",
+        "purefa", "snmp", "sshcheck", "otlpjsonfile", "webhookevent", "filestats",
     },
     "processors": {
         "batch", "memory_limiter", "attributes", "resource", "resourcedetection", "transform",
@@ -269,7 +269,7 @@ def test_dashboard_queries_parse_as_promql(tmp_path):
 
     rules = []
     for name, queries in expanded_queries(model_name="m", engine="0|1").items():
-        for i, (title, expr) in enumerate(queries):
+        for title, expr in queries:
             rules.append({"record": f"dashboard:q{len(rules)}", "expr": expr,
                           "labels": {"panel": f"{name}: {title}"}})
     assert len(rules) >= 20

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from instrumented_core.protocol import (Phase, PauseStateMachine, ProtocolError,
-                                        decode_sync_state, encode_sync_state, is_sync_step)
+from instrumented_core.protocol import (
+    PauseStateMachine,
+    Phase,
+    ProtocolError,
+    decode_sync_state,
+    encode_sync_state,
+    is_sync_step,
+)
 
 
 def all_reduce_for(*peer_vectors):

@@ -27,11 +27,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 
 from instrumented_core import report
 from instrumented_core.recorder import EVENTS, TIMELINE
 from instrumented_core.telemetry import names as n
-from conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

@@ -14,11 +14,15 @@ from instrumented_core.diagnosis import diagnose
 from instrumented_core.protocol import PauseStateMachine
 from instrumented_core.scrape import DIAGNOSIS_SERIES, scrape, scrape_all, to_view
 from instrumented_core.telemetry import names as n
-from instrumented_core.telemetry.worker_board import (CALL_CODES, COLLECTIVE_CODES,
-                                                      ENV_BOARD_DIR, BoardWriter)
 from instrumented_core.telemetry.metrics import RankMetrics
 from instrumented_core.telemetry.probe import TelemetryProbe
 from instrumented_core.telemetry.server import MetricsServer
+from instrumented_core.telemetry.worker_board import (
+    CALL_CODES,
+    COLLECTIVE_CODES,
+    ENV_BOARD_DIR,
+    BoardWriter,
+)
 
 INFO = {"dp_size": "2", "sync_interval": "16", "protocol": "two-phase", "cadence": "fixed",
         "version": "test", "vllm_version": "none"}

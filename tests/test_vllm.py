@@ -9,12 +9,9 @@ each engine core over HTTP, spans from a real OTLP/HTTP receiver.
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
-import types
 
 import pytest
-
 
 from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.otlp_sink import OtlpSink

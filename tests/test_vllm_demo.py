@@ -14,8 +14,6 @@ import sys
 
 import pytest
 
-
-
 pytestmark = pytest.mark.vllm
 
 

@@ -16,7 +16,6 @@ import time
 
 import pytest
 
-
 from instrumented_core.doctor import run_doctor
 from instrumented_core.telemetry import names as n
 

@@ -200,7 +200,7 @@ def test_a_slow_collective_rpc_on_one_rank_names_that_rank_never_its_peer(engine
 
     rank = rng.choice((0, 1))
     # runs in every worker (pickled by value: a lambda); only the chosen rank's is slow
-    slow_load = (lambda worker, r, seconds: __import__("time").sleep(seconds)
+    slow_load = (lambda worker, r, seconds: __import__("time").sleep(seconds)  # noqa: E731
                  if worker.vllm_config.parallel_config.data_parallel_rank == r else None)
 
     async def scenario():

@@ -7,11 +7,10 @@ a child process.
 
 from __future__ import annotations
 
-from typing import Any
-
 import asyncio
 import os
 import tempfile
+from typing import Any
 
 from instrumented_core.vllm_support.engine import (  # noqa: F401 - re-exported for the tests
     COUNTERS,

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
 from urllib.parse import urlparse
 
 ENV_ENABLED = "INSTRUMENTED_CORE_TELEMETRY"
@@ -64,9 +64,10 @@ def check_endpoint(url: str, name: str) -> str:
             f"{name}={url!r} is not a valid OTLP endpoint: use http(s)://host:port, e.g. "
             "http://127.0.0.1:4318")
     try:
-        parsed.port
+        _ = parsed.port  # urlparse checks the port only when it is read
     except ValueError:
-        raise TelemetryConfigError(f"{name}={url!r} has a bad port: use http(s)://host:port")
+        raise TelemetryConfigError(
+            f"{name}={url!r} has a bad port: use http(s)://host:port") from None
     return url
 
 
@@ -85,7 +86,7 @@ class TelemetryConfig:
     extra_resource: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "TelemetryConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> TelemetryConfig:
         """Read our variables and the standard OTEL_* ones; flags passed in ``overrides`` win."""
         env = os.environ if env is None else env
         kw: dict = {}
@@ -144,7 +145,7 @@ class TelemetryConfig:
     def port_for(self, rank: int) -> int:
         return 0 if self.metrics_port_base == 0 else self.metrics_port_base + rank
 
-    def with_spans_dir(self, directory: str | Path) -> "TelemetryConfig":
+    def with_spans_dir(self, directory: str | Path) -> TelemetryConfig:
         return replace(self, spans_file=str(Path(directory) / Path(self.spans_file).name))
 
     def check_ports_free(self, ranks: int) -> None:

@@ -47,7 +47,7 @@ def _guarded(method):
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except Exception:  # noqa: BLE001 - telemetry must never break the engine
+        except Exception:
             if not self._error_logged:
                 self._error_logged = True
                 log.exception("telemetry probe error in %s (logged once, ignored)",

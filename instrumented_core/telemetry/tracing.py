@@ -14,8 +14,8 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource

@@ -32,11 +32,19 @@ import importlib.util
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from instrumented_core.demo import (SPANS, SUMMARY, DemoOptions, Story, _expected, _live_view,
-                                    finish_run)
+from instrumented_core.demo import (
+    SPANS,
+    SUMMARY,
+    DemoOptions,
+    Story,
+    _expected,
+    _live_view,
+    finish_run,
+)
 from instrumented_core.doctor import run_doctor
 from instrumented_core.recorder import Recorder
 from instrumented_core.telemetry.config import DEFAULT_PORT_BASE, TelemetryConfig
@@ -246,9 +254,15 @@ def run_vllm_story(options: DemoOptions, out: Callable[[str], None] = print) -> 
 
 async def _story(engine: Any, options: DemoOptions, story: Story, rng: random.Random,
                  fault_rank: int, state: dict) -> None:
-    from instrumented_core.vllm_support.engine import (PROMPTS, barrier_all, barrier_engine,
-                                                       bounded, generate, new_request_id,
-                                                       wait_routed)
+    from instrumented_core.vllm_support.engine import (
+        PROMPTS,
+        barrier_all,
+        barrier_engine,
+        bounded,
+        generate,
+        new_request_id,
+        wait_routed,
+    )
 
     llm, t = engine.llm, STEP_TIMEOUT
     targets = engine.targets

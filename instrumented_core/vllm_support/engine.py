@@ -21,12 +21,17 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import closing
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from instrumented_core.scrape import RankSample, scrape
 from instrumented_core.telemetry import names as n
-from instrumented_core.vllm_support.tiny_model import async_engine_args, vllm_cpu_env, write_tiny_mixtral
+from instrumented_core.vllm_support.tiny_model import (
+    async_engine_args,
+    vllm_cpu_env,
+    write_tiny_mixtral,
+)
 
 __all__ = [
     "COUNTERS",
@@ -259,7 +264,7 @@ class VllmEngine:
     def run(self, coro: Awaitable[Any], timeout: float = 120.0, what: str = "call") -> Any:
         return self.loop.run_until_complete(bounded(coro, timeout, what))
 
-    def start(self) -> "VllmEngine":
+    def start(self) -> VllmEngine:
         for key, value in self.env.items():
             self._saved_env[key] = os.environ.get(key)
             os.environ[key] = value
@@ -283,7 +288,7 @@ class VllmEngine:
         self.rss_after_start_mib = round(self.monitor.sample() / 2**20)
         return self
 
-    def __enter__(self) -> "VllmEngine":
+    def __enter__(self) -> VllmEngine:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -114,7 +114,7 @@ def register() -> None:
             if install_model_wedge(wedge):
                 log.warning("TEST-ONLY model-collective wedge armed by %s (pid %d)", wedge,
                             os.getpid())
-        except Exception:  # noqa: BLE001 - never break vLLM
+        except Exception:
             log.exception("fault injection plugin failed; vLLM left unchanged")
     raw = os.environ.get(ENV_STALL_RANK, "").strip()
     if not raw:
@@ -126,5 +126,5 @@ def register() -> None:
         if install_sync_stall(rank, seconds, skip):
             log.warning("TEST-ONLY sync stall installed in pid %d (rank %d, %.1f s)",
                         os.getpid(), rank, seconds)
-    except Exception:  # noqa: BLE001 - never break vLLM
+    except Exception:
         log.exception("fault injection plugin failed; vLLM left unchanged")

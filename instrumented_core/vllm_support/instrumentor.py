@@ -51,12 +51,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 from instrumented_core.vllm_support import contract
 from instrumented_core.vllm_support.engine_telemetry import engine_info, start_engine_telemetry
-from instrumented_core.vllm_support.observer import (LEGACY_MARK, OBSERVER_ATTR, EngineObserver,
-                                                     observer_of)
+from instrumented_core.vllm_support.observer import (
+    LEGACY_MARK,
+    OBSERVER_ATTR,
+    EngineObserver,
+    observer_of,
+)
 from instrumented_core.vllm_support.sync_capture import make_sync_dp_state
 from instrumented_core.vllm_support.wrappers import ENGINE_WRAPPERS, rebind_step_fn
 
@@ -81,10 +86,10 @@ class VllmDpInstrumentor:
     (``is_instrumented_by_opentelemetry`` stays False, ``contract_error`` holds the message).
     """
 
-    _instance: "VllmDpInstrumentor | None" = None
+    _instance: VllmDpInstrumentor | None = None
     _lock = threading.Lock()
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "VllmDpInstrumentor":
+    def __new__(cls, *args: Any, **kwargs: Any) -> VllmDpInstrumentor:
         with cls._lock:
             if cls._instance is None:
                 inst = super().__new__(cls)
@@ -200,7 +205,7 @@ class VllmDpInstrumentor:
             engine.__dict__[OBSERVER_ATTR] = obs
             rebind_step_fn(engine)
             return obs
-        except Exception:  # noqa: BLE001 - never break the engine
+        except Exception:
             log.exception("instrumented_core: telemetry for this engine failed to start; "
                           "vLLM runs unchanged")
             return None

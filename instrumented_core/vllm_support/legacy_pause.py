@@ -97,5 +97,5 @@ def register() -> None:
         if install():
             log.warning("TEST-ONLY legacy one-phase DP pause installed in pid %d (vLLM issue "
                         "#36594 can now deadlock)", os.getpid())
-    except Exception:  # noqa: BLE001 - never break vLLM
+    except Exception:
         log.exception("legacy pause plugin failed; vLLM left unchanged")

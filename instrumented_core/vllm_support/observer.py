@@ -31,7 +31,7 @@ class _StateView:
 
     fast_sync = False
 
-    def __init__(self, engine: Any, observer: "EngineObserver") -> None:
+    def __init__(self, engine: Any, observer: EngineObserver) -> None:
         self._engine = engine
         self._observer = observer
 

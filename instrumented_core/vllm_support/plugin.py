@@ -86,7 +86,7 @@ def register() -> None:
             _error_logged = True
             log.error("instrumented_core: telemetry setting rejected, vLLM left "
                       "uninstrumented (pid %d): %s", os.getpid(), e)
-    except Exception:  # noqa: BLE001 - never break vLLM
+    except Exception:
         if not _error_logged:
             _error_logged = True
             log.exception("instrumented_core: plugin failed, vLLM left uninstrumented")

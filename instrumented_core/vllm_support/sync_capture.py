@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from instrumented_core.protocol import SyncResult, decode_sync_state
 from instrumented_core.vllm_support.observer import EngineObserver, current, log_once

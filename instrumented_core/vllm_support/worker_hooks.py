@@ -39,7 +39,8 @@ import functools
 import importlib
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from instrumented_core.telemetry.worker_board import CALL_CODES, COLLECTIVE_CODES, BoardWriter
 

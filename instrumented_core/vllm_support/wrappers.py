@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from instrumented_core.protocol import PAUSE_MODES, start_dp_wave_outcome
 from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.worker_board import remove_board_files
 from instrumented_core.vllm_support import contract
-from instrumented_core.vllm_support.observer import (OBSERVER_ATTR, current, log_once,
-                                                     observer_of)
+from instrumented_core.vllm_support.observer import OBSERVER_ATTR, current, log_once, observer_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor
@@ -28,7 +28,7 @@ WRAPPED_MARK = "_instrumented_core_wrapped"
 STEP_METHODS = ("step", "step_with_batch_queue")
 
 
-def _wrap_run_busy_loop(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
+def _wrap_run_busy_loop(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
     @functools.wraps(orig)
     def run_busy_loop(self, *args, **kwargs):
         obs = inst._start_engine(self)
@@ -46,7 +46,7 @@ def _wrap_run_busy_loop(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
     return run_busy_loop
 
 
-def _wrap_has_global_unfinished_reqs(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
+def _wrap_has_global_unfinished_reqs(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
     @functools.wraps(orig)
     def _has_global_unfinished_reqs(self, *args, **kwargs):
         obs = observer_of(self)
@@ -75,7 +75,7 @@ def _wrap_has_global_unfinished_reqs(orig: Callable, inst: "VllmDpInstrumentor")
     return _has_global_unfinished_reqs
 
 
-def _wrap_execute_dummy_batch(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
+def _wrap_execute_dummy_batch(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
     @functools.wraps(orig)
     def execute_dummy_batch(self, *args, **kwargs):
         obs = observer_of(self)
@@ -93,7 +93,7 @@ def _wrap_execute_dummy_batch(orig: Callable, inst: "VllmDpInstrumentor") -> Cal
     return execute_dummy_batch
 
 
-def _wrap_step(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
+def _wrap_step(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
     @functools.wraps(orig)
     def step(self, *args, **kwargs):
         obs = observer_of(self)
@@ -113,7 +113,7 @@ def _wrap_step(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
     return step
 
 
-def _wrap_handle_client_request(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
+def _wrap_handle_client_request(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
     start_dp_wave = inst._api.start_dp_wave
 
     @functools.wraps(orig)
@@ -154,7 +154,7 @@ def _mode_of(args: tuple, kwargs: dict) -> str:
     return kwargs.get("mode", "abort")
 
 
-def _wrap_pause_scheduler(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
+def _wrap_pause_scheduler(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
     @functools.wraps(orig)
     def pause_scheduler(self, *args, **kwargs):
         obs = observer_of(self)
@@ -177,7 +177,7 @@ def _wrap_pause_scheduler(orig: Callable, inst: "VllmDpInstrumentor") -> Callabl
     return pause_scheduler
 
 
-def _wrap_resume_scheduler(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
+def _wrap_resume_scheduler(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
     @functools.wraps(orig)
     def resume_scheduler(self, *args, **kwargs):
         obs = observer_of(self)
@@ -207,7 +207,7 @@ def _wrap_resume_scheduler(orig: Callable, inst: "VllmDpInstrumentor") -> Callab
 
 
 def _wrap_collective(name: str) -> Callable:
-    def factory(orig: Callable, inst: "VllmDpInstrumentor") -> Callable:
+    def factory(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
         @functools.wraps(orig)
         def collective(self, *args, **kwargs):
             obs = observer_of(self)
