@@ -8,10 +8,12 @@ import time
 
 import pytest
 
-from instrumented_core.cluster import (Cluster, ClusterConfig, ClusterConfigError,
-                                       CollectiveHang)
-from instrumented_core.cluster.scenarios import (check_schedule, run_random_schedule,
-                                                 upstream_deadlock_scenario)
+from instrumented_core.cluster import Cluster, ClusterConfig, ClusterConfigError, CollectiveHang
+from instrumented_core.cluster.scenarios import (
+    check_schedule,
+    run_random_schedule,
+    upstream_deadlock_scenario,
+)
 from instrumented_core.telemetry import TelemetryConfig, TelemetryConfigError
 
 pytestmark = pytest.mark.cluster
