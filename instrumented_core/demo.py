@@ -93,11 +93,17 @@ class Traffic:
         self._thread.join(2)
 
 
+#: Faults that hit every rank at once (injected on all ranks, no culprit to name).
+GROUP_FAULTS = ("wedge",)
+
+
 def _expected(options: DemoOptions, fault_rank: int) -> tuple[str, list[int]]:
     if options.protocol == "legacy":
         return "deadlock", []
     return {"none": ("healthy", []), "stall": ("stuck", [fault_rank]),
-            "dead": ("stuck", [fault_rank]), "slow": ("slow", [fault_rank])}[options.fault]
+            "dead": ("stuck", [fault_rank]), "slow": ("slow", [fault_rank]),
+            "worker_stall": ("stuck", [fault_rank]), "worker_slow": ("slow", [fault_rank]),
+            "wedge": ("wedged", []), "freeze": ("stuck", [fault_rank])}[options.fault]
 
 
 def _live_view(recorder: Recorder, story: Story, urls: list[str]):
@@ -206,11 +212,15 @@ def run_demo(options: DemoOptions, out=print) -> int:
             story.step("more traffic", f"more traffic for {phase:.0f} s")
             traffic.enabled.set()
             time.sleep(phase)
-            if options.fault != "none":
+            if options.fault in GROUP_FAULTS:
+                story.step("fault", f"injecting '{options.fault}' on every rank")
+                cluster.inject_fault(None, options.fault)
+            elif options.fault != "none":
                 story.step("fault", f"injecting '{options.fault}' on rank {fault_rank}")
                 cluster.inject_fault(fault_rank, options.fault)
             verdict = _diagnose(cluster, story, deadline=max(15.0, options.duration * 0.5),
-                                want_fault=options.fault != "none")
+                                want_fault=options.fault != "none",
+                                expected=(expected_kind, expected_culprits))
         story.step("verdict", f"verdict: {verdict.kind}: {verdict.summary}")
         if options.hold > 0:
             story.note(f"holding the cluster for {options.hold:.0f} s (Ctrl-C to stop)")
@@ -226,7 +236,8 @@ def run_demo(options: DemoOptions, out=print) -> int:
     return finish_run(out_dir, options, verdict, (expected_kind, expected_culprits), out,
                       urls=cluster.metrics_urls, final_rows=final_rows, started=started,
                       seed=seed, pauses=pauses,
-                      fault_rank=fault_rank if options.fault != "none" else None)
+                      fault_rank=(fault_rank if options.fault not in ("none", *GROUP_FAULTS)
+                                  else None))
 
 
 def finish_run(out_dir: Path, options: DemoOptions, verdict, expected: tuple[str, list[int]],
@@ -276,17 +287,31 @@ def finish_run(out_dir: Path, options: DemoOptions, verdict, expected: tuple[str
     return 0
 
 
-def _diagnose(cluster: Cluster, story: Story, deadline: float, want_fault: bool = True):
-    """Doctor's verdict from the ranks' metrics; with a fault, wait until it names someone."""
+def _diagnose(cluster: Cluster, story: Story, deadline: float, want_fault: bool = True,
+              expected: tuple[str, list[int]] | None = None):
+    """Doctor's verdict from the ranks' metrics; with a fault, wait until it names someone.
+
+    With ``expected``, keep reading until the doctor says that (or the deadline passes): a
+    fault takes up to the doctor's threshold to show as what it is (a worker that just
+    stopped first reads as a straggler, until its peers have waited 2 s). Every other
+    verdict seen on the way is noted in the story, so the log shows how the verdict formed."""
     targets = [u for u in cluster.metrics_urls if u]
     end = time.monotonic() + deadline
+    seen = None
     while True:
         report = run_doctor(targets=targets)
         verdict = report.verdict
-        if not want_fault or not verdict.healthy or time.monotonic() > end:
+        settled = not want_fault or (
+            not verdict.healthy if expected is None
+            else verdict.kind == expected[0] and (not expected[1]
+                                                  or verdict.culprits == expected[1]))
+        if settled or time.monotonic() > end:
             story.note(f"doctor: {verdict.kind}: {verdict.summary} "
                        f"({report.elapsed:.2f} s to read {len(targets)} ranks)")
             return verdict
+        if not verdict.healthy and (verdict.kind, verdict.culprits) != seen:
+            seen = (verdict.kind, verdict.culprits)
+            story.note(f"doctor (not settled yet): {verdict.kind}: {verdict.summary}")
         time.sleep(0.5)
 
 

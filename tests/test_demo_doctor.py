@@ -30,6 +30,10 @@ def run_cli(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
     (["--ranks", "3", "--fault", "stall", "--fault-rank", "1", "--sync-interval", "8"],
      "stuck", [1]),
     (["--protocol", "legacy", "--ranks", "2"], "deadlock", [1]),
+    # the engine/worker split: a stopped worker, a slow worker, a wedge on every rank
+    (["--ranks", "3", "--fault", "worker_stall", "--fault-rank", "2"], "stuck", [2]),
+    (["--ranks", "2", "--fault", "worker_slow", "--fault-rank", "0"], "slow", [0]),
+    (["--ranks", "2", "--fault", "wedge"], "wedged", []),
 ])
 def test_demo_verdict_names_the_injected_fault(tmp_path, args, verdict, culprits):
     out = tmp_path / "out"
@@ -40,7 +44,10 @@ def test_demo_verdict_names_the_injected_fault(tmp_path, args, verdict, culprits
     assert summary["verdict"] == verdict
     assert summary["culprit_ranks"] == culprits
     assert summary["protocol"] == ("legacy" if "legacy" in args else "two-phase")
-    assert summary["ranks"] == (3 if "3" in args[:2] else 2 if "legacy" in args else 4)
+    assert summary["ranks"] == (int(args[args.index("--ranks") + 1]) if "--ranks" in args
+                                else 4)
+    if "wedge" in args:
+        assert summary["fault_rank"] is None  # injected on every rank
     assert summary["pauses"] == 1 and len(summary["sync_rounds"]) == summary["ranks"]
     assert (out / "report.html").stat().st_size > 1000
     assert (out / "spans.jsonl").read_text().count('"dp.pause"') >= 1

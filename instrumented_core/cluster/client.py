@@ -15,7 +15,7 @@ import queue
 import socket
 import threading
 import time
-from concurrent.futures import Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 from instrumented_core.cluster import messages as msg
@@ -23,8 +23,10 @@ from instrumented_core.cluster.config import ClusterConfig
 from instrumented_core.cluster.coordinator import coordinator_main
 from instrumented_core.cluster.rank import rank_main
 from instrumented_core.cluster.status import FIELDS, StatusBoard
+from instrumented_core.cluster.worker import worker_fields
 from instrumented_core.diagnosis import RankView, Verdict, diagnose
 from instrumented_core.protocol import check_pause_mode
+from instrumented_core.telemetry.worker_board import read_board, remove_board_files
 
 
 class ClusterError(RuntimeError):
@@ -84,14 +86,14 @@ class Cluster:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         cfg = self.config
         ctx = mp.get_context("spawn")
         self._board_array = ctx.Array("d", cfg.ranks * FIELDS, lock=False)
@@ -182,6 +184,9 @@ class Cluster:
         for fut in pending:
             if not fut.done():
                 fut.set_exception(ClusterError("cluster stopped before the call finished"))
+        for pid in self.pids:
+            if pid:  # a killed (or `dead`) rank could not remove its worker's record
+                remove_board_files(pid)
         for q in (*self._inboxes, self._outbox, self._coord_inbox):
             q.cancel_join_thread()
             q.close()
@@ -325,8 +330,21 @@ class Cluster:
     def stats(self, timeout: float | None = None) -> list[dict]:
         return self._fan_out("get_stats", timeout=timeout)
 
-    def inject_fault(self, rank: int, kind: str) -> None:
-        self.wait([self.call(rank, "inject_fault", kind)], f"inject_fault({kind})")
+    def inject_fault(self, rank: int | None, kind: str) -> None:
+        """Give ``rank`` the fault ``kind`` (config.FAULT_KINDS); ``None``: every rank.
+
+        For every rank, returns once one rank took it: a rank may already be blocked in a
+        collective that the fault wedges (``wedge``: its peers' workers entered the real
+        all-reduce before they saw it) and then never answers."""
+        if rank is not None:
+            self.wait([self.call(rank, "inject_fault", kind)], f"inject_fault({kind})")
+            return
+        futures = [self.call(r, "inject_fault", kind) for r in range(self.config.ranks)]
+        done, _ = wait(futures, self.config.hang_timeout, return_when=FIRST_COMPLETED)
+        if not done:
+            raise CollectiveHang(f"inject_fault({kind}) on every rank", self.diagnose())
+        for fut in done:
+            fut.result()  # a refused fault raises here
 
     def inject_start_dp_wave(self, wave: int | None = None, exclude=None) -> int:
         """Make the coordinator broadcast START_DP_WAVE now (tests and fault drills).
@@ -354,13 +372,15 @@ class Cluster:
     # -- diagnosis ------------------------------------------------------------------------
 
     def rank_views(self) -> list[RankView]:
+        """From the status board, and each rank's worker from the worker board."""
         alive = self.alive()
         views = []
         for r in range(self.config.ranks):
             s = self.board.read(r, alive[r])
+            workers = worker_fields(read_board(self.pids[r])) if alive[r] and self.pids[r] else {}
             views.append(RankView(rank=r, reachable=alive[r], phase=s.phase,
                                   collective=s.collective, inside_seconds=s.inside_seconds,
-                                  progress_age=s.progress_age))
+                                  progress_age=s.progress_age, **workers))
         return views
 
     def diagnose(self, threshold: float | None = None) -> Verdict:

@@ -7,7 +7,16 @@ from dataclasses import dataclass, field
 from instrumented_core.protocol import Cadence, Protocol, ProtocolError, check_sizes
 from instrumented_core.telemetry.config import TelemetryConfig
 
-FAULT_KINDS = ("none", "slow", "stall", "dead")
+#: Faults a rank takes through ``Cluster.inject_fault``:
+#: ``slow`` its engine core takes ``slow_step_seconds`` more before every step;
+#: ``stall`` its engine core stops before the next sync all-reduce (alive, metrics answer);
+#: ``dead`` its process exits at the next step;
+#: ``worker_stall`` its worker stops forever inside the next forward, before the model
+#: collective; ``worker_slow`` its worker takes ``slow_step_seconds`` more inside every forward,
+#: before the model collective; ``wedge`` its worker enters the next model collective and never
+#: completes it (every rank's worker then sits inside that collective); ``freeze`` its worker
+#: stops as with ``worker_stall`` and its heartbeat stops too (a worker process under SIGSTOP).
+FAULT_KINDS = ("none", "slow", "stall", "dead", "worker_stall", "worker_slow", "wedge", "freeze")
 
 
 class ClusterConfigError(ValueError):
@@ -21,14 +30,14 @@ class ClusterConfig:
     sync_interval: int = 16
     cadence: str = "fixed"
     step_seconds: float = 0.001  # simulated model time per step (real and dummy)
-    slow_step_seconds: float = 0.05  # extra delay per step of a rank with the `slow` fault
+    slow_step_seconds: float = 0.05  # extra delay per step: `slow` and `worker_slow` faults
     collective_timeout: float = 60.0  # Gloo group timeout (vLLM: cpu_distributed_timeout_seconds)
     hang_timeout: float = 10.0  # a client call not done after this is reported as a hang
     start_timeout: float = 90.0
     max_running: int = 64
     telemetry: TelemetryConfig = field(default_factory=lambda: TelemetryConfig(enabled=False))
 
-    def validate(self) -> "ClusterConfig":
+    def validate(self) -> ClusterConfig:
         try:
             check_sizes(self.ranks, self.sync_interval)
             protocol = Protocol.parse(self.protocol)

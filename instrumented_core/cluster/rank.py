@@ -3,9 +3,13 @@
 The loop follows ``DPEngineCoreProc.run_busy_loop`` step by step: poll the input queue (block
 while idle), run a real step if requests are scheduled, else a dummy step while the wave runs,
 then ``_has_global_unfinished_reqs`` (the periodic ``sync_dp_state`` all-reduce), then wave
-bookkeeping with the coordinator. Every step runs one collective on the "model" Gloo group
-(the stand-in for the MoE all-to-all); the sync, resume and barrier collectives run on a
-second Gloo group, as vLLM's stateless DP group is separate from the workers' group.
+bookkeeping with the coordinator. As in vLLM, the engine thread does not run the forward: a
+step is a call to the rank's worker (:mod:`~instrumented_core.cluster.worker`, a thread
+started after Gloo init), which runs the model time and one collective on the "model" Gloo
+group (the stand-in for the MoE all-to-all) and publishes its position to the worker board;
+the engine marks the whole wait as inside "step". The sync, resume and barrier collectives
+run on the engine thread on a second Gloo group, as vLLM's stateless DP group is separate
+from the workers' group.
 """
 
 from __future__ import annotations
@@ -15,14 +19,23 @@ import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable
 
 from instrumented_core.cluster import messages as msg
-from instrumented_core.cluster.config import ClusterConfig
+from instrumented_core.cluster.config import FAULT_KINDS, ClusterConfig
 from instrumented_core.cluster.scheduler import PauseState, Request, Scheduler
-from instrumented_core.cluster.status import (F_FAILED, F_PHASE, F_PID, F_STALLED, F_STEPS,
-                                              F_SYNC_ROUNDS, PHASES, StatusBoard)
+from instrumented_core.cluster.status import (
+    F_FAILED,
+    F_PHASE,
+    F_PID,
+    F_STALLED,
+    F_STEPS,
+    F_SYNC_ROUNDS,
+    PHASES,
+    StatusBoard,
+)
+from instrumented_core.cluster.worker import RankWorker, open_board
 from instrumented_core.protocol import PauseStateMachine, Protocol, ProtocolError
 
 
@@ -32,7 +45,7 @@ class CollectiveFailed(RuntimeError):
 
 class RankEngine:
     def __init__(self, rank: int, config: ClusterConfig, inbox, outbox, coordinator, board,
-                 model_group, dp_group, probe) -> None:
+                 worker: RankWorker, dp_group, probe) -> None:
         import torch
 
         self.torch = torch
@@ -40,7 +53,7 @@ class RankEngine:
         self.config = config
         self.inbox, self.outbox, self.coordinator = inbox, outbox, coordinator
         self.board = board
-        self.model_group, self.dp_group = model_group, dp_group
+        self.worker, self.dp_group = worker, dp_group
         self.probe = probe
         self.scheduler = Scheduler(config.max_running)
         self.sm = PauseStateMachine(rank, config.ranks, config.sync_interval, config.protocol,
@@ -53,7 +66,6 @@ class RankEngine:
         self.failed = False
         self.stopping = False
         self.steps = 0
-        self._step_tensor = torch.zeros(1, dtype=torch.int32)
 
     # -- collectives ----------------------------------------------------------------------
 
@@ -97,18 +109,18 @@ class RankEngine:
             tensor, group=self.dp_group))
         return tensor.tolist()
 
-    def _model_step(self) -> None:
-        """Stand-in for a forward pass: model time, then the lockstep collective."""
+    def _model_step(self, dummy: bool) -> None:
+        """The executor's step: call the worker (model time, then the lockstep collective)
+        and wait for it, inside "step". The ``slow`` fault is the engine core itself being
+        slow before it calls its worker; the worker faults act inside the worker."""
         if self.fault == "dead":
             self.outbox.close()  # deliver what was already sent (the fault's own reply)
             self.outbox.join_thread()
             os._exit(17)
-        delay = self.config.step_seconds + (
-            self.config.slow_step_seconds if self.fault == "slow" else 0.0)
-        if delay:
-            time.sleep(delay)
-        self._collective("step", lambda: self.torch.distributed.all_reduce(
-            self._step_tensor, group=self.model_group))
+        if self.fault == "slow":
+            time.sleep(self.config.slow_step_seconds)
+        fault = self.fault
+        self._collective("step", lambda: self.worker.execute_model(fault, dummy))
         self.steps += 1
         self.board.set(self.rank, F_STEPS, self.steps)
 
@@ -207,14 +219,13 @@ class RankEngine:
         return self.rank
 
     def utility_collective_rpc(self, call_id: int, value: int = 1):
-        tensor = self.torch.tensor([value], dtype=self.torch.int64)
-        self._collective("collective_rpc", lambda: self.torch.distributed.all_reduce(
-            tensor, group=self.model_group))
-        return int(tensor.item())
+        fault = self.fault
+        return self._collective("collective_rpc",
+                                lambda: self.worker.collective_rpc(value, fault))
 
     def utility_inject_fault(self, call_id: int, kind: str):
-        if kind not in ("none", "slow", "stall", "dead"):
-            raise ValueError(f"unknown fault {kind!r}: use none, slow, stall or dead")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}: use {', '.join(FAULT_KINDS)}")
         self.fault = kind
         return kind
 
@@ -249,7 +260,7 @@ class RankEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return False
-        self._model_step()
+        self._model_step(dummy=False)
         for request in self.scheduler.advance(scheduled):
             self._finish(request, "completed")
         self.probe.step_end(False)
@@ -267,7 +278,7 @@ class RankEngine:
             if not executed:
                 if not local_unfinished and not sm.engines_running:
                     continue
-                self._model_step()
+                self._model_step(dummy=True)
                 self.probe.step_end(True)
             if self.fault == "stall" and sm.next_call_syncs():
                 self._stall()
@@ -297,19 +308,27 @@ class RankEngine:
 _ASYNC = object()
 
 
-def _close_on_stop(stop_flag, telemetry, engine_done: threading.Event) -> None:
-    """When the client stops the cluster, a rank blocked in a collective cannot run its own
-    ``finally``: close telemetry from here so open pause spans are still exported."""
+def _close_on_stop(stop_flag, telemetry, worker: RankWorker,
+                   engine_done: threading.Event) -> None:
+    """When the client stops the cluster, a rank blocked in a collective (or waiting for a
+    stalled worker) cannot run its own ``finally``: close telemetry from here so open pause
+    spans are still exported, remove the worker's board record, and end the process instead
+    of waiting for the client to terminate it."""
     while not stop_flag.value:
         if engine_done.wait(0.1):
             return
     if not engine_done.wait(1.0):
-        telemetry.close()
+        try:
+            telemetry.close()
+            worker.close()
+        finally:
+            os._exit(0)
 
 
 def rank_main(rank: int, config: ClusterConfig, master_port: int, inbox, outbox, coordinator,
               board_array, stop_flag) -> None:
-    """Process entry point: telemetry first (a bad port fails fast), then Gloo, then the loop."""
+    """Process entry point: telemetry first (a bad port fails fast), then Gloo, then the
+    worker thread, then the loop."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     board = StatusBoard(board_array, config.ranks)
     board.set(rank, F_PID, os.getpid())
@@ -335,11 +354,15 @@ def rank_main(rank: int, config: ClusterConfig, master_port: int, inbox, outbox,
     except Exception as e:  # noqa: BLE001 - reported to the client as one line
         outbox.put((msg.STARTUP_ERROR, rank, str(e).splitlines()[0] if str(e) else repr(e)))
         return
-    engine = RankEngine(rank, config, inbox, outbox, coordinator, board, model_group, dp_group,
+    # one worker per rank (vLLM at TP=1: worker 0 of its engine), a thread of this process
+    worker = RankWorker(rank, config.step_seconds, config.slow_step_seconds, model_group,
+                        open_board(0)).start()
+    engine = RankEngine(rank, config, inbox, outbox, coordinator, board, worker, dp_group,
                         telemetry.probe)
     board.leave(rank)
     engine_done = threading.Event()
-    threading.Thread(target=_close_on_stop, args=(stop_flag, telemetry, engine_done),
+    threading.Thread(target=_close_on_stop,
+                     args=(stop_flag, telemetry, worker, engine_done),
                      name="close-on-stop", daemon=True).start()
     outbox.put((msg.READY, rank, telemetry.metrics_url, os.getpid()))
     try:
@@ -351,3 +374,4 @@ def rank_main(rank: int, config: ClusterConfig, master_port: int, inbox, outbox,
     finally:
         engine_done.set()
         telemetry.close()
+        worker.close()
