@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--protocol", choices=["two-phase", "legacy"], default="two-phase")
     demo.add_argument("--cadence", choices=["fixed", "adaptive"], default="fixed")
     demo.add_argument("--fault", choices=FAULT_KINDS, default="stall",
-                      help="fault injected at the end of the story (vllm: none or stall)")
+                      help="fault injected at the end of the story (vllm: none, stall or freeze)")
     demo.add_argument("--fault-rank", type=int, default=None,
                       help="rank to inject the fault on (default: chosen from --seed)")
     demo.add_argument("--sync-interval", type=_positive_int("--sync-interval"), default=16)

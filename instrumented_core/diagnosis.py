@@ -326,7 +326,9 @@ def _straggler(live: list[RankView], threshold: float) -> Verdict | None:
                     if v.model_wait_fraction is not None and _has_work(v)]
     if len(with_workers) >= 2 and len(with_workers) == len(live):
         rated = with_workers
-        where, floor, max_age = "its workers wait", 0.3, threshold
+        # a straggler still completes its calls; a worker that stopped (in a call for a while)
+        # is about to be named stuck, not slow
+        where, floor, max_age = "its workers wait", 0.3, min(threshold / 2, 1.0)
     else:
         rated = [(v, v.wait_fraction) for v in live
                  if v.wait_fraction is not None and v.engines_running]
@@ -338,7 +340,8 @@ def _straggler(live: list[RankView], threshold: float) -> Verdict | None:
     slowest, low = min(rated, key=lambda r: r[1])
     others = sorted(f for v, f in rated if v is not slowest)
     median = others[len(others) // 2]
-    if median >= floor and low <= median / 2 and slowest.progress_age < max_age:
+    if (median >= floor and low <= median / 2 and slowest.progress_age < max_age
+            and slowest.worker_call_seconds < max_age):
         score = low / median if median else 1.0
         return Verdict("slow", [slowest.rank], [v.rank for v, _ in rated if v is not slowest],
                        f"rank {slowest.rank} is a straggler: {where} {low:.0%} of the time in "
