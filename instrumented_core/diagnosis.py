@@ -76,6 +76,8 @@ class RankView:
     worker_heartbeat_age: float = 0.0
     #: share of wall time its workers waited inside model collectives, from rates
     model_wait_fraction: float | None = None
+    #: model collectives its slowest worker entered between the two samples (from rates)
+    model_collectives_advanced: int | None = None
 
 
 @dataclass
@@ -340,8 +342,11 @@ def _straggler(live: list[RankView], threshold: float) -> Verdict | None:
     slowest, low = min(rated, key=lambda r: r[1])
     others = sorted(f for v, f in rated if v is not slowest)
     median = others[len(others) // 2]
+    # a straggler still gets through the collectives, late; one that entered none in the
+    # window has stopped: it will be named stuck once its peers wait past the threshold
+    advancing = slowest.model_collectives_advanced is None or slowest.model_collectives_advanced > 0
     if (median >= floor and low <= median / 2 and slowest.progress_age < max_age
-            and slowest.worker_call_seconds < max_age):
+            and slowest.worker_call_seconds < max_age and advancing):
         score = low / median if median else 1.0
         return Verdict("slow", [slowest.rank], [v.rank for v, _ in rated if v is not slowest],
                        f"rank {slowest.rank} is a straggler: {where} {low:.0%} of the time in "

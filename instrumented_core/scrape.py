@@ -181,6 +181,10 @@ def _worker_fields(sample: RankSample, previous: RankSample | None) -> dict:
         fields["model_collective"] = position.get(first, {}).get(n.LABEL_COLLECTIVE) or "?"
         fields["model_collective_seconds"] = coll_inside[first]
     if previous is not None and previous.reachable:
+        before_seqs = previous.by_label(n.WORKER_MODEL_COLLECTIVES_TOTAL, n.LABEL_WORKER)
+        if before_seqs:
+            fields["model_collectives_advanced"] = int(min(
+                seqs.get(w, 0.0) - before_seqs.get(w, 0.0) for w in workers))
         elapsed = sample.fetched_at - previous.fetched_at
         name = n.WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL
         now, before = sample.by_label(name, n.LABEL_WORKER), previous.by_label(name, n.LABEL_WORKER)

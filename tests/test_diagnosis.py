@@ -128,11 +128,17 @@ CASES = {
     # --- stragglers --------------------------------------------------------------------------
     "workers that hardly wait while their peers' wait: a straggler with a score": (
         [worker(0, model_wait_fraction=0.85), worker(1, model_wait_fraction=0.2,
-                                                     progress_age=0.3)],
+                                                     progress_age=0.3,
+                                                     model_collectives_advanced=40)],
         "slow", [1], [0], ["straggler", "score 0.24"]),
     "a worker stopped a moment ago (its peers already wait) is not called slow": (
         [worker(0, model_wait_fraction=1.0, coll="all_reduce", coll_s=1.2, progress_age=1.2),
          worker(1, model_wait_fraction=0.0, call_s=1.2, progress_age=1.2)],
+        "healthy", [], [], []),
+    "a worker that entered no collective in the window has stopped, it is not slow": (
+        [worker(0, model_wait_fraction=1.0, coll="all_reduce", coll_s=0.5, progress_age=0.5),
+         worker(1, model_wait_fraction=0.0, call_s=0.5, progress_age=0.5,
+                model_collectives_advanced=0)],
         "healthy", [], [], []),
     "all workers wait a little: no straggler": (
         [worker(0, model_wait_fraction=0.25), worker(1, model_wait_fraction=0.05)],

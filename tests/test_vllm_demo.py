@@ -1,16 +1,21 @@
 """``instrumented-core demo --engine vllm``, run as a user runs it, on vLLM's real DP=2 engine.
 
-One engine start for the module (~75 s in all). The fault: a stalled sync round on rank 1
-(``--fault stall``; the test-only stall switch skips the story's own pause with
-``IC_TEST_STALL_SYNC_SKIP_PAUSES``), which the doctor must name.
+One engine start for the module (~75 s in all). The fault: a rank's worker frozen with
+requests in flight (``--fault freeze`` on a random rank: ``SIGSTOP`` of its worker process),
+which the doctor, the summary and the report must name; after ``SIGCONT`` every request
+completes. (The stalled sync round of ``--fault stall`` is covered on the engine itself in
+``test_vllm_faults.py``.)
 Refusals (flags the vLLM engine does not support) start no engine.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,8 +24,10 @@ pytestmark = pytest.mark.vllm
 
 CLI = [sys.executable, "-m", "instrumented_core.cli", "demo", "--engine", "vllm"]
 
-FAULT_ARGS, VERDICT, CULPRITS, PROTOCOL = (["--fault", "stall", "--fault-rank", "1"],
-                                           "stuck", [1], "two-phase")
+SEED = int(os.environ.get("IC_SEED", str(time.time_ns() % 100_000)))
+RANK = random.Random(SEED).randrange(2)
+FAULT_ARGS, VERDICT, CULPRITS, PROTOCOL = (["--fault", "freeze", "--fault-rank", str(RANK)],
+                                           "stuck", [RANK], "two-phase")
 
 
 def run_demo(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -45,6 +52,7 @@ def run_demo(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 
 def test_vllm_demo_story_ends_with_the_doctor_naming_the_fault(tmp_path):
+    print(f"IC_SEED={SEED}: freezing rank {RANK}'s worker")
     out = tmp_path / "out"
     result = run_demo("--no-live", "--duration", "4", "--seed", "7", "--out", str(out),
                       "--metrics-port-base", "0", *FAULT_ARGS, timeout=300)
@@ -57,14 +65,17 @@ def test_vllm_demo_story_ends_with_the_doctor_naming_the_fault(tmp_path):
     assert summary["culprit_ranks"] == CULPRITS, summary
     assert summary["pauses"] >= 1 and len(summary["sync_rounds"]) == 2
     assert all(r and r > 0 for r in summary["sync_rounds"]), summary
-    assert (out / "report.html").stat().st_size > 1000
+    report = (out / "report.html").read_text()
+    assert f"<b>culprit ranks:</b> {RANK} " in report  # the report names the frozen rank
+    assert "frozen" in summary["summary"] and "frozen" in report
     assert (out / "metrics" / "rank-0.prom").exists() and (out / "metrics" / "rank-1.prom").exists()
     events = (out / "events.jsonl").read_text()
     for step in ("traffic", "pause(keep)", "staggered barrier + routed request", "verdict"):
         assert f'"step": "{step}"' in events, events
     if VERDICT == "stuck":  # the whole story ran: resume, traffic, the fault, the recovery
         assert '"step": "more traffic"' in events and '"step": "fault"' in events
-        assert (out / "spans.jsonl").read_text().count('"dp.pause"') >= 4  # 2 pauses x 2 ranks
+        assert (out / "spans.jsonl").read_text().count('"dp.pause"') >= 2  # 1 pause x 2 ranks
+        assert "all completed" in result.stdout  # SIGCONT: nothing lost
     assert "metrics: http://127.0.0.1:" in result.stdout
     assert f"verdict: {VERDICT}" in result.stdout
 
@@ -72,6 +83,7 @@ def test_vllm_demo_story_ends_with_the_doctor_naming_the_fault(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--ranks", "3"], "--engine vllm runs data parallel size 2 only"),
     (["--fault", "slow"], "--fault slow is available on the CPU engine only"),
+    (["--fault", "wedge"], "--fault wedge is available on the CPU engine only"),
     (["--fault", "dead"], "--fault dead is available on the CPU engine only"),
     (["--fault-rank", "2"], "--fault-rank 2 is not a rank of the vLLM DP=2 engine"),
     (["--cadence", "adaptive"], "--cadence adaptive is available on the CPU engine only"),

