@@ -8,6 +8,12 @@ named over runs. Everything is read as an operator would: the doctor over each e
 ``/metrics``, and a real Prometheus scraping both ranks with the shipped alert rules (the
 frozen worker must fire ``VllmDpRankWedged`` naming its rank; the idle engine, held past every
 alert threshold, must fire nothing, not even pending).
+
+Fidelity: before the engine starts, the CPU reference cluster (DP=2, with its engine/worker
+split) runs the same stories on the same ranks: a frozen worker, a slow worker, a wedge
+inside the model collective on every rank, an idle group. Its verdict, taken as the first
+non-healthy verdict the doctor repeats on two reads in a row (no expectation involved), must
+be the one vLLM gets for the same story: the fast CPU tests stand for the real engine.
 """
 
 from __future__ import annotations
@@ -34,7 +40,72 @@ def rng():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def ranks(rng):
+    """The rank each story faults, shared by the CPU cluster and vLLM."""
+    return {"freeze": rng.choice((0, 1)), "slow": rng.choice((0, 1))}
+
+
+def _settled_verdict(targets: list[str], timeout: float = 20.0) -> tuple[str, list[int]]:
+    """The first verdict the doctor gives twice in a row that is not healthy (or healthy
+    twice in a row when ``timeout`` passes): what an operator would take as the answer."""
+    from instrumented_core.doctor import run_doctor
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        v = run_doctor(targets=targets).verdict
+        now = (v.kind, v.culprits)
+        if now == last and (not v.healthy or time.monotonic() > deadline):
+            return now
+        if time.monotonic() > deadline + 10:
+            raise TimeoutError(f"the doctor never settled; last said {now}")
+        last = now
+
+
+@pytest.fixture(scope="module")
+def cpu_verdicts(ranks):
+    """The stories on the CPU cluster, one fresh DP=2 cluster each (a stopped worker stays
+    stopped), before any vLLM engine starts."""
+    from instrumented_core.cluster import Cluster, ClusterConfig
+    from instrumented_core.telemetry import TelemetryConfig
+
+    def story(fault: str | None, rank: int | None, **config) -> tuple[str, list[int]]:
+        cluster = Cluster(ClusterConfig(ranks=2, hang_timeout=20.0, telemetry=TelemetryConfig(
+            metrics_port_base=0), **config)).start()
+        stop = threading.Event()
+
+        def traffic() -> None:  # requests on both ranks until the story ends
+            while not stop.wait(0.05):
+                try:
+                    for r in (0, 1):
+                        cluster.generate(60, rank=r)
+                except Exception:  # noqa: BLE001 - the cluster is stopping
+                    return
+
+        thread = threading.Thread(target=traffic, daemon=True)
+        try:
+            targets = [u for u in cluster.metrics_urls if u]
+            if fault is None:  # idle from its start, held past the doctor's threshold
+                return _settled_verdict(targets, timeout=THRESHOLD * 2)
+            thread.start()
+            cluster.inject_fault(rank, fault)
+            return _settled_verdict(targets)
+        finally:
+            stop.set()
+            cluster.stop()
+            if thread.is_alive():
+                thread.join(5)
+
+    return {
+        "idle": story(None, None),
+        "freeze": story("freeze", ranks["freeze"]),
+        "slow": story("worker_slow", ranks["slow"], slow_step_seconds=0.04),
+        "wedge": story("wedge", None),
+    }
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, cpu_verdicts):
     from vllm_helpers import PROMPTS, VllmEngine, generate
 
     wedge_file = tmp_path_factory.mktemp("wedge") / "armed"
@@ -84,8 +155,8 @@ async def _healthy_again(engine) -> None:
 IDLE_HOLD = 30.0  # past the wedge alerts' 10 s threshold + for: 15s, and the doctor's 2 s
 
 
-def test_an_idle_engine_held_past_every_threshold_is_healthy_idle_and_fires_nothing(engine,
-                                                                                     prom):
+def test_an_idle_engine_held_past_every_threshold_is_healthy_idle_and_fires_nothing(
+        engine, prom, cpu_verdicts):
     from vllm_helpers import doctor_until
 
     async def scenario():
@@ -102,14 +173,15 @@ def test_an_idle_engine_held_past_every_threshold_is_healthy_idle_and_fires_noth
     report = engine.run(scenario(), IDLE_HOLD + 60, "idle")
     assert report.exit_code == 0
     assert report.verdict.culprits == [], report.render()
+    assert cpu_verdicts["idle"] == ("healthy", [])  # the CPU cluster agrees
     prom.assert_no_alerts()  # nothing fired or went pending while the engine sat idle
 
 
 def test_a_frozen_worker_on_a_random_rank_is_named_alerted_and_sigcont_loses_nothing(
-        engine, rng, prom):
+        engine, ranks, prom, cpu_verdicts):
     from vllm_helpers import Traffic, doctor_until
 
-    rank = rng.choice((0, 1))
+    rank = ranks["freeze"]
     worker = engine.worker_process(rank)
 
     async def scenario():
@@ -141,6 +213,7 @@ def test_a_frozen_worker_on_a_random_rank_is_named_alerted_and_sigcont_loses_not
     print(f"frozen worker of rank {rank} named after {seconds:.1f} s, alert firing after "
           f"{alert_seconds:.1f} s:\n{report.render()}")
     assert [a["engine"] for a in firing] == [str(rank)], firing  # the rank, not its peer
+    assert cpu_verdicts["freeze"] == ("stuck", [rank])  # the CPU cluster's frozen worker
     text = report.render()
     assert f"culprit: rank {rank}" in text
     assert "frozen" in text
@@ -149,10 +222,10 @@ def test_a_frozen_worker_on_a_random_rank_is_named_alerted_and_sigcont_loses_not
     assert finished and set(finished) == {"length"}, finished  # nothing lost
 
 
-def test_a_throttled_worker_on_a_random_rank_is_named_slow(engine, rng):
+def test_a_throttled_worker_on_a_random_rank_is_named_slow(engine, ranks, cpu_verdicts):
     from vllm_helpers import Traffic, doctor_until
 
-    rank = rng.choice((0, 1))
+    rank = ranks["slow"]
     worker = engine.worker_process(rank)
     stop = threading.Event()
 
@@ -191,6 +264,7 @@ def test_a_throttled_worker_on_a_random_rank_is_named_slow(engine, rng):
     print(f"throttled worker of rank {rank} named after {seconds:.1f} s:\n{report.render()}")
     assert "straggler" in report.verdict.summary
     assert report.verdict.victims == [1 - rank]
+    assert cpu_verdicts["slow"] == ("slow", [rank])  # the CPU cluster's slow worker
     assert report.exit_code == 1
     assert finished and set(finished) == {"length"}, finished
 
@@ -224,7 +298,8 @@ def test_a_slow_collective_rpc_on_one_rank_names_that_rank_never_its_peer(engine
     assert report.exit_code == 2
 
 
-def test_a_wedge_inside_the_model_collective_on_every_rank_is_wedged_never_healthy(engine):
+def test_a_wedge_inside_the_model_collective_on_every_rank_is_wedged_never_healthy(
+        engine, cpu_verdicts):
     from vllm_helpers import Traffic, doctor_until
 
     async def scenario():
@@ -251,5 +326,6 @@ def test_a_wedge_inside_the_model_collective_on_every_rank_is_wedged_never_healt
     print(f"all-rank wedge reported after {seconds:.1f} s:\n{report.render()}")
     assert "dp_coordinate" in report.verdict.summary  # names the collective
     assert again.verdict.kind == "wedged", again.render()
+    assert cpu_verdicts["wedge"] == ("wedged", [])  # the CPU cluster's wedge
     assert report.exit_code == 2
     assert finished and set(finished) == {"length"}, finished
