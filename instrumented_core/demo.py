@@ -19,12 +19,11 @@ from pathlib import Path
 
 from instrumented_core.cluster import Cluster, ClusterConfig, CollectiveHang
 from instrumented_core.cluster.scenarios import staggered_barrier_with_request
+from instrumented_core.diagnosis import verdict_matches
 from instrumented_core.doctor import run_doctor
 from instrumented_core.recorder import Recorder
+from instrumented_core.run_files import REPORT, SPANS, SUMMARY
 from instrumented_core.telemetry import TelemetryConfig
-
-SUMMARY = "summary.json"
-SPANS = "spans.jsonl"
 
 
 @dataclass
@@ -148,7 +147,7 @@ def run_demo(options: DemoOptions, out=print) -> int:
         return 2
     out_dir = Path(options.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (SUMMARY, SPANS, "report.html"):
+    for stale in (SUMMARY, SPANS, REPORT):
         (out_dir / stale).unlink(missing_ok=True)
     telemetry = TelemetryConfig.from_env(metrics_port_base=options.metrics_port_base,
                                          spans_file=str(out_dir / SPANS),
@@ -275,12 +274,7 @@ def finish_run(out_dir: Path, options: DemoOptions, verdict, expected: tuple[str
         out("culprit ranks: " + ", ".join(str(r) for r in verdict.culprits))
     out("metrics were served at: " + "  ".join(u or "-" for u in urls))
     out(f"report: {report}  summary: {out_dir / SUMMARY}  spans: {out_dir / SPANS}")
-    if expected_kind == "healthy":
-        ok = verdict.healthy
-    else:
-        ok = verdict.kind == expected_kind and (
-            expected_kind == "deadlock" or verdict.culprits == expected_culprits)
-    if not ok:
+    if not verdict_matches(verdict.kind, verdict.culprits, expected_kind, expected_culprits):
         out(f"instrumented-core: error: expected {expected_kind} "
             f"{expected_culprits or ''} but the metrics say {verdict.kind} {verdict.culprits}")
         return 1
@@ -303,8 +297,7 @@ def _diagnose(cluster: Cluster, story: Story, deadline: float, want_fault: bool 
         verdict = report.verdict
         settled = not want_fault or (
             not verdict.healthy if expected is None
-            else verdict.kind == expected[0] and (not expected[1]
-                                                  or verdict.culprits == expected[1]))
+            else verdict_matches(verdict.kind, verdict.culprits, *expected))
         if settled or time.monotonic() > end:
             story.note(f"doctor: {verdict.kind}: {verdict.summary} "
                        f"({report.elapsed:.2f} s to read {len(targets)} ranks)")

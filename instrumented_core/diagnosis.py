@@ -353,3 +353,15 @@ def _straggler(live: list[RankView], threshold: float) -> Verdict | None:
                        f"collectives while its peers wait {median:.0%} (straggler score "
                        f"{score:.2f}; 1.0 keeps pace)")
     return None
+
+
+def verdict_matches(kind: str, culprits: list[int], expected_kind: str,
+                    expected_culprits: list[int]) -> bool:
+    """Whether a verdict is the expected one: the demos' exit status, the report's "as
+    expected" badge and the demos' wait for a settled verdict all decide it here. Expecting
+    healthy accepts any healthy kind (a pause may be in flight); a deadlock's culprits depend
+    on which rank the late wave woke, so only its kind must match."""
+    if expected_kind == "healthy":
+        return kind in ("healthy", "pausing", "paused")
+    return kind == expected_kind and (expected_kind == "deadlock"
+                                      or list(culprits) == list(expected_culprits))

@@ -12,11 +12,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from instrumented_core.run_files import EVENTS, METRICS_DIR, TIMELINE, rank_exposition
 from instrumented_core.scrape import PHASE_NAMES, RankSample, scrape_all
 from instrumented_core.telemetry import names as n
-
-TIMELINE = "timeline.jsonl"
-EVENTS = "events.jsonl"
 
 
 def row_of(sample: RankSample, rank: int) -> dict:
@@ -90,12 +88,12 @@ class Recorder:
 
     def save_expositions(self) -> None:
         """Final ``/metrics`` text of every rank, for the report's histograms."""
-        directory = self.out_dir / "metrics"
+        directory = self.out_dir / METRICS_DIR
         directory.mkdir(exist_ok=True)
         for rank, url in enumerate(self.urls):
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as response:
-                    (directory / f"rank-{rank}.prom").write_bytes(response.read())
+                    (self.out_dir / rank_exposition(rank)).write_bytes(response.read())
             except OSError:
                 pass  # unreachable rank: the timeline already says so
 

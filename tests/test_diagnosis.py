@@ -177,3 +177,20 @@ def test_healthy_kinds_are_exactly_the_ones_the_doctor_exits_zero_for():
 def test_order_of_the_views_does_not_matter():
     views = CASES["a rank that never entered the sync all-reduce its peers wait in"][0]
     assert diagnose(list(reversed(views)), T).as_dict() == diagnose(views, T).as_dict()
+
+
+@pytest.mark.parametrize("kind, culprits, expected, culprits_expected, matches", [
+    ("healthy", [], "healthy", [], True),
+    ("pausing", [], "healthy", [], True),  # a pause in flight is still healthy
+    ("slow", [1], "healthy", [], False),
+    ("stuck", [1], "stuck", [1], True),
+    ("stuck", [0], "stuck", [1], False),  # the wrong rank named is a miss
+    ("deadlock", [0], "deadlock", [1], True),  # which rank the late wave woke varies
+    ("wedged", [], "wedged", [], True),
+    ("stuck", [], "wedged", [], False),
+])
+def test_whether_a_verdict_is_the_expected_one_is_decided_in_one_place(
+        kind, culprits, expected, culprits_expected, matches):
+    from instrumented_core.diagnosis import verdict_matches
+
+    assert verdict_matches(kind, culprits, expected, culprits_expected) is matches

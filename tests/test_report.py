@@ -29,8 +29,9 @@ from pathlib import Path
 import pytest
 from conftest import require_tool
 
-from instrumented_core import report
-from instrumented_core.recorder import EVENTS, TIMELINE
+from instrumented_core import report, run_files
+from instrumented_core.report import theme
+from instrumented_core.run_files import EVENTS, TIMELINE
 from instrumented_core.telemetry import names as n
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +218,7 @@ def test_partial_run_still_gives_a_report(tmp_path):
 
     path = report.build_report(tmp_path)
 
-    assert path == tmp_path / report.REPORT
+    assert path == tmp_path / run_files.REPORT
     page = path.read_text()
     assert "summary.json is missing" in page
     assert "spans.jsonl is missing" in page
@@ -246,14 +247,14 @@ def test_final_metrics_and_spans_feed_the_plots(tmp_path):
 
     from instrumented_core.telemetry.metrics import SYNC_WAIT_BUCKETS
 
-    (tmp_path / report.METRICS_DIR).mkdir()
+    (tmp_path / run_files.METRICS_DIR).mkdir()
     for rank in range(2):
         registry = CollectorRegistry()
         hist = Histogram(n.SYNC_WAIT, "wait", [n.LABEL_ENGINE], buckets=SYNC_WAIT_BUCKETS,
                          registry=registry).labels(str(rank))
         for wait in (0.0003, 0.002, 0.002, 0.04 * (rank + 1), 3.0):
             hist.observe(wait)
-        (tmp_path / report.METRICS_DIR / f"rank-{rank}.prom").write_bytes(
+        (tmp_path / run_files.METRICS_DIR / f"rank-{rank}.prom").write_bytes(
             generate_latest(registry))
     t0 = 1_700_000_000.0
     write_jsonl(tmp_path / TIMELINE, [rank_row(t0 + i * 0.25, r) for i in range(8)
@@ -279,7 +280,7 @@ def test_final_metrics_and_spans_feed_the_plots(tmp_path):
                                n.ATTR_SECONDS_WAITED: 0.0123 * (rank + 1)},
                 "events": [{"name": n.EVENT_SYNC_ROUND, "timestamp": stamp(start),
                             "attributes": {n.ATTR_SYNC_SECONDS: 0.004}}]})
-    write_jsonl(tmp_path / report.SPANS, spans)
+    write_jsonl(tmp_path / run_files.SPANS, spans)
 
     page = report.build_report(tmp_path).read_text()
     dom = Dom(page)
@@ -294,7 +295,7 @@ def test_final_metrics_and_spans_feed_the_plots(tmp_path):
 def test_verdict_banner_and_table(tmp_path):
     t0 = 1_700_000_000.0
     write_jsonl(tmp_path / TIMELINE, [rank_row(t0 + i, r) for i in range(3) for r in range(3)])
-    (tmp_path / report.SUMMARY).write_text(json.dumps({
+    (tmp_path / run_files.SUMMARY).write_text(json.dumps({
         "protocol": "two-phase", "ranks": 3, "verdict": "stuck", "culprit_ranks": [2],
         "victim_ranks": [0, 1], "summary": "rank 2 not in sync_dp_state & <late>",
         "details": ["rank 0 inside sync_dp_state for 3.0 s"],
@@ -318,11 +319,11 @@ def demo_run(tmp_path_factory) -> Path:
     proc = run_bounded([sys.executable, "-m", "instrumented_core.cli", "demo", "--no-live",
                         "--duration", "5", "--out", str(out), "--metrics-port-base", "0",
                         "--seed", "1"], DEMO_TIMEOUT, cwd=REPO)
-    page = out / report.REPORT
+    page = out / run_files.REPORT
     assert page.is_file(), (f"demo wrote no report (exit {proc.returncode} after "
                             f"{time.monotonic() - started:.0f} s)\nstdout:\n{proc.stdout[-3000:]}"
                             f"\nstderr:\n{proc.stderr[-3000:]}")
-    for name in (report.SUMMARY, report.SPANS, TIMELINE, EVENTS):
+    for name in (run_files.SUMMARY, run_files.SPANS, TIMELINE, EVENTS):
         assert (out / name).is_file(), f"demo did not write {name}"
     return out
 
@@ -330,10 +331,10 @@ def demo_run(tmp_path_factory) -> Path:
 @pytest.mark.browser
 @pytest.mark.cluster  # the demo starts a real CPU cluster
 def test_demo_report_renders_in_chromium(demo_run, tmp_path):
-    page = demo_run / report.REPORT
+    page = demo_run / run_files.REPORT
     html_text = page.read_text()
     assert not EXTERNAL.search(html_text), "the report loads something from outside itself"
-    summary = json.loads((demo_run / report.SUMMARY).read_text())
+    summary = json.loads((demo_run / run_files.SUMMARY).read_text())
 
     dumped = chromium(page, tmp_path, "--dump-dom")
     assert dumped.returncode == 0, dumped.stderr[-3000:]
@@ -360,9 +361,9 @@ def test_demo_report_renders_in_chromium(demo_run, tmp_path):
     assert background < 0.9 * width * height, "the screenshot is (nearly) one color: blank"
     assert len(counts) > 100, f"only {len(counts)} colors: blank or unstyled page"
     # the plots painted: the phase lanes (running, paused) and the per-rank series colors
-    for what, color in (("running lanes", report.STATE_COLORS["running"]),
-                        ("paused lanes", report.STATE_COLORS["paused"]),
-                        ("rank 0 series", report.rank_color(0))):
+    for what, color in (("running lanes", theme.STATE_COLORS["running"]),
+                        ("paused lanes", theme.STATE_COLORS["paused"]),
+                        ("rank 0 series", theme.rank_color(0))):
         assert counts.get(rgb(color), 0) > 500, f"{what} ({color}) not on the screenshot"
 
 

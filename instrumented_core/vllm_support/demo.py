@@ -40,16 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from instrumented_core.demo import (
-    SPANS,
-    SUMMARY,
     DemoOptions,
     Story,
     _expected,
     _live_view,
     finish_run,
 )
+from instrumented_core.diagnosis import verdict_matches
 from instrumented_core.doctor import run_doctor
 from instrumented_core.recorder import Recorder
+from instrumented_core.run_files import REPORT, SPANS, SUMMARY
 from instrumented_core.telemetry.config import DEFAULT_PORT_BASE, TelemetryConfig
 
 PROG = "instrumented-core"
@@ -158,8 +158,7 @@ async def _diagnose(targets: list[str], story: Story, deadline: float,
         verdict = report.verdict
         settled = not want_fault or (
             not verdict.healthy if expected is None
-            else verdict.kind == expected[0] and (not expected[1]
-                                                  or verdict.culprits == expected[1]))
+            else verdict_matches(verdict.kind, verdict.culprits, *expected))
         if settled or time.monotonic() > end:
             story.note(f"doctor: {verdict.kind}: {verdict.summary} "
                        f"({report.elapsed:.2f} s to read {len(targets)} engine cores)")
@@ -214,7 +213,7 @@ def run_vllm_story(options: DemoOptions, out: Callable[[str], None] = print) -> 
         TelemetryConfig(metrics_port_base=port_base).check_ports_free(DP_SIZE)
     out_dir = Path(options.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (SUMMARY, SPANS, "report.html"):
+    for stale in (SUMMARY, SPANS, REPORT):
         (out_dir / stale).unlink(missing_ok=True)
     env, cpu_timeout = _engine_env(options, out_dir, fault_rank)
     expected = _expected(options, fault_rank)
