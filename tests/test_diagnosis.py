@@ -151,6 +151,62 @@ CASES = {
         [R(0, engines_running=True, wait_fraction=0.9),
          R(1, engines_running=True, wait_fraction=0.1),
          R(2, engines_running=True, wait_fraction=0.8)], "slow", [1], [0, 2], ["straggler"]),
+    # --- a pause that does not converge ------------------------------------------------------
+    "a pause fanned out to some engines only: not converging, naming the rank never asked": (
+        [R(0, phase="pending_pause", pending_seconds=8.0, steps_until_sync=16,
+           engines_running=True, requests=2),
+         R(1, engines_running=True, requests=2)],
+        "not_converging", [1], [0], ["not converging", "rank 1 never voted", "rank 0 pending "
+                                     "for 8.0 s", "next sync round in 16 steps"]),
+    "pending through more sync rounds than consensus takes: not converging": (
+        [R(0, phase="pending_pause", pending_seconds=0.9, pending_sync_rounds=5,
+           engines_running=True),
+         R(1, phase="pending_pause", pending_seconds=0.9, pending_sync_rounds=5,
+           engines_running=True)],
+        "not_converging", [], [0, 1], ["5 sync rounds without consensus", "not reaching"]),
+    "a peer not asked yet, just under the threshold: still pausing": (
+        [R(0, phase="pending_pause", pending_seconds=T - 0.1, pending_sync_rounds=1,
+           engines_running=True),
+         R(1, engines_running=True)], "pausing", [], [], ["1 of 2"]),
+    "a legacy pause pends while its rank drains: pausing, not 'not converging'": (
+        [R(0, phase="pending_pause", pending_seconds=30, protocol="legacy",
+           engines_running=True),
+         R(1, engines_running=True, protocol="legacy")], "pausing", [], [], []),
+    "a pending rank waiting in sync_dp_state for a stopped peer: stuck, not a missing vote": (
+        [R(0, phase="pending_pause", pending_seconds=5, collective="sync_dp_state",
+           inside_seconds=4, engines_running=True),
+         R(1, progress_age=5, engines_running=True)],
+        "stuck", [1], [0], ["never entered sync_dp_state"]),
+    # --- doubt about what was read: a verdict of its own, never healthy ---------------------
+    "a target answering with something else is not a vLLM DP endpoint, never a healthy rank": (
+        [R(0, dp_size=2, source="h:8100"),
+         R(1, source="h:8101", not_endpoint="no vllm_dp_ series in its answer")],
+        "not_dp_endpoint", [], [], ["not a vLLM DP endpoint", "h:8101",
+                                    "no vllm_dp_ series", "among the 1 ranks read: HEALTHY"]),
+    "fewer targets than the ranks' own DP size: incomplete, naming the missing engine": (
+        [R(0, dp_size=4), R(1, dp_size=4), R(2, dp_size=4)],
+        "incomplete", [], [], ["incomplete: 3 of 4 ranks", "engine 3 not among the targets"]),
+    "incomplete with a dead target still diagnoses the ranks it read": (
+        [R(0, dp_size=4, collective="sync_dp_state", inside_seconds=9), R(2, reachable=False),
+         R(3, dp_size=4, collective="sync_dp_state", inside_seconds=9)],
+        "incomplete", [], [], ["3 of 4 ranks", "engines 1, 2 did not answer or are not among",
+                               "among the 3 ranks read: STUCK"]),
+    "no ranks at all: incomplete, never 'healthy: 0 ranks'": (
+        [], "incomplete", [], [], ["no ranks"]),
+    "ranks of two deployments are never merged by engine number": (
+        [R(0, dp_size=2, deployment="a"), R(1, dp_size=2, deployment="a"),
+         R(0, dp_size=2, deployment="b"), R(1, dp_size=2, deployment="b")],
+        "mixed", [], [], ["2 deployments", "'a': ranks 0, 1", "one deployment at a time"]),
+    "ranks that disagree on the DP size are mixed": (
+        [R(0, dp_size=2), R(1, dp_size=4)], "mixed", [], [], ["disagree on the DP size"]),
+    "one engine on two targets is mixed": (
+        [R(0, dp_size=2, source="a:1"), R(0, dp_size=2, source="b:1")],
+        "mixed", [], [], ["engine 0 on a:1, b:1"]),
+    "an engine number beyond the DP size is mixed": (
+        [R(0, dp_size=2), R(5, dp_size=2)], "mixed", [], [], ["engine 5 outside the DP size 2"]),
+    "more targets than the DP size is mixed": (
+        [R(0, dp_size=2), R(1, dp_size=2), R(2, reachable=False)],
+        "mixed", [], [], ["3 targets for a DP size of 2"]),
 }
 
 
@@ -172,6 +228,12 @@ def test_healthy_kinds_are_exactly_the_ones_the_doctor_exits_zero_for():
     for kind in VERDICTS:
         healthy = diagnose([R(0)], T).__class__(kind).healthy
         assert healthy == (kind in ("healthy", "pausing", "paused")), kind
+
+
+def test_doubt_is_never_healthy_and_is_its_own_kind():
+    for _, kind, _, _, _ in CASES.values():
+        verdict = diagnose([R(0)], T).__class__(kind)
+        assert not (verdict.doubtful and verdict.healthy), kind
 
 
 def test_order_of_the_views_does_not_matter():
