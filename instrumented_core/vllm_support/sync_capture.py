@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from instrumented_core.protocol import SyncResult, decode_sync_state
+from instrumented_core.telemetry import names as n
 from instrumented_core.vllm_support.observer import EngineObserver, current, log_once
 
 __all__ = ["make_sync_dp_state"]
@@ -41,11 +42,15 @@ def make_sync_dp_state(orig: Callable, flavour: str, hook: tuple[Any, str] | Non
         if hook is not None:
             restore = _install_capture(hook, captured)
         started = time.perf_counter()
+        ok = False
         try:
             result = orig(*args, **kwargs)
+            ok = True
         finally:
             if restore is not None:
                 restore()
+            if not ok:  # the all-reduce raised: out of it, and no round completed
+                obs.probe.collective_end(n.COLLECTIVE_SYNC, time.perf_counter() - started)
         seconds = time.perf_counter() - started
         try:
             dp_size = int(obs.engine.dp_size)
