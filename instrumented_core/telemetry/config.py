@@ -9,7 +9,10 @@ OpenTelemetry variables (``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_ENDPOINT
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -20,6 +23,8 @@ ENV_ENABLED = "INSTRUMENTED_CORE_TELEMETRY"
 ENV_PORT_BASE = "INSTRUMENTED_CORE_METRICS_PORT_BASE"
 ENV_HOST = "INSTRUMENTED_CORE_METRICS_HOST"
 ENV_DEBUG = "INSTRUMENTED_CORE_DEBUG_ENDPOINT"
+#: The second opt-in /debug/stacks needs when the endpoint binds other than loopback.
+ENV_DEBUG_REMOTE = "INSTRUMENTED_CORE_DEBUG_ENDPOINT_REMOTE"
 ENV_SPANS_FILE = "INSTRUMENTED_CORE_SPANS_FILE"
 ENV_MODEL_NAME = "INSTRUMENTED_CORE_MODEL_NAME"
 
@@ -57,6 +62,34 @@ def _port(raw: str, name: str) -> int:
     return port
 
 
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
+                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+
+
+def check_host(raw: str, name: str = ENV_HOST) -> str:
+    """A host to bind: an IPv4 or IPv6 address (``::1`` or ``[::1]``) or a host name; the
+    bare form is returned. Anything else is one error naming the setting and the fix."""
+    host = raw.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if _HOSTNAME.match(host) and not host.replace(".", "").isdigit():
+        return host
+    raise TelemetryConfigError(
+        f"{name}={raw!r} is not an IP address or a host name: use 127.0.0.1 (loopback, the "
+        "default), ::1, 0.0.0.0 or :: (every interface), or this machine's name")
+
+
+def is_loopback_host(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
 def check_endpoint(url: str, name: str) -> str:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -77,6 +110,8 @@ class TelemetryConfig:
     metrics_host: str = DEFAULT_HOST
     metrics_port_base: int = DEFAULT_PORT_BASE  # rank r serves on base + r; 0 = any free port
     debug_endpoint: bool = False
+    #: /debug/stacks on a non-loopback bind needs this too
+    debug_remote: bool = False
     model_name: str = "instrumented-core-demo"
     service_name: str = "vllm-dp-engine"
     span_exporter: str = "file"
@@ -94,8 +129,9 @@ class TelemetryConfig:
         if env.get(ENV_PORT_BASE):
             kw["metrics_port_base"] = _port(env[ENV_PORT_BASE], ENV_PORT_BASE)
         if env.get(ENV_HOST):
-            kw["metrics_host"] = env[ENV_HOST]
+            kw["metrics_host"] = check_host(env[ENV_HOST], ENV_HOST)
         kw["debug_endpoint"] = _flag(env, ENV_DEBUG, False)
+        kw["debug_remote"] = _flag(env, ENV_DEBUG_REMOTE, False)
         if env.get(ENV_SPANS_FILE):
             kw["spans_file"] = env[ENV_SPANS_FILE]
         if env.get(ENV_MODEL_NAME):
@@ -133,6 +169,7 @@ class TelemetryConfig:
         return config
 
     def validate(self) -> None:
+        check_host(self.metrics_host, "metrics host")
         if not 0 <= self.metrics_port_base <= 65535:
             raise TelemetryConfigError(f"metrics port base {self.metrics_port_base} is out of "
                                        "range: use 0-65535")
@@ -156,14 +193,26 @@ class TelemetryConfig:
         if last > 65535:
             raise TelemetryConfigError(f"metrics ports {self.metrics_port_base}-{last} exceed "
                                        "65535: lower the metrics port base")
+        host = check_host(self.metrics_host, ENV_HOST)
+        try:
+            family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+        except (socket.gaierror, UnicodeError) as e:
+            raise TelemetryConfigError(
+                f"{ENV_HOST}={host!r} does not resolve ({e}): use an address of this machine, "
+                "e.g. 127.0.0.1 or ::1") from None
         for rank in range(ranks):
             port = self.port_for(rank)
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
-                    s.bind((self.metrics_host, port))
-                except OSError:
+                    s.bind((host, port))
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE:
+                        raise TelemetryConfigError(
+                            f"cannot serve metrics on {host} (rank {rank}, port {port}): "
+                            f"{e.strerror or e}: set {ENV_HOST} to an address of this machine, "
+                            "e.g. 127.0.0.1 or 0.0.0.0") from None
                     raise TelemetryConfigError(
-                        f"metrics port {port} on {self.metrics_host} (rank {rank}) is already in "
+                        f"metrics port {port} on {host} (rank {rank}) is already in "
                         f"use: pick a free range with --metrics-port-base or {ENV_PORT_BASE}"
                     ) from None
