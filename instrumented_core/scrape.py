@@ -47,6 +47,9 @@ DIAGNOSIS_SERIES = frozenset({
 #: with our plugin (or was cut short).
 REQUIRED_SERIES = frozenset({n.PHASE, n.DP_SIZE, n.ENGINES_RUNNING, n.COLLECTIVE_INSIDE,
                              n.LAST_PROGRESS})
+#: The collectives every rank reports being inside (or not), from the first version on.
+REQUIRED_COLLECTIVES = (n.COLLECTIVE_SYNC, n.COLLECTIVE_STEP, n.COLLECTIVE_BARRIER,
+                        n.COLLECTIVE_RPC)
 #: A rank's whole exposition is tens of kilobytes; far more is not one of ours.
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -131,6 +134,9 @@ def endpoint_problem(sample: RankSample) -> str:
     missing = sorted(REQUIRED_SERIES - names)
     if len(missing) == len(REQUIRED_SERIES):
         return "no vllm_dp_ series in its answer"
+    inside = sample.by_label(n.COLLECTIVE_INSIDE, n.LABEL_COLLECTIVE)
+    missing += [f"{n.COLLECTIVE_INSIDE}{{collective=\"{c}\"}}" for c in REQUIRED_COLLECTIVES
+                if c not in inside and n.COLLECTIVE_INSIDE not in missing]
     if missing:
         return f"its answer lacks {', '.join(missing)} (cut short, or not our plugin)"
     sizes = [(dict(ls).get(n.LABEL_ENGINE), v) for s, ls in sample.values if s == n.DP_SIZE
@@ -292,6 +298,12 @@ def scrape(target: str, timeout: float = 1.0,
         return RankSample(target, True, str(e), time.time(), problem=str(e))
     except FetchError as e:
         return RankSample(target, False, str(e), time.time())
+    return sample_of_answer(target, status, body, only)
+
+
+def sample_of_answer(target: str, status: int, body: bytes,
+                     only: Collection[str] | None = None) -> RankSample:
+    """The sample a target's HTTP answer makes (pure: what :func:`scrape` does once read)."""
     sample = RankSample(target, True, fetched_at=time.time())
     if status != 200:
         sample.problem = f"it answered HTTP {status}"
