@@ -506,7 +506,7 @@ def prometheus_samples(base_url: str, timeout: float = 2.0,
         name = labels.pop("__name__", "")
         instance = labels.pop("instance", "")
         job = labels.pop("job", "")
-        if n.LABEL_ENGINE not in labels:
+        if n.LABEL_ENGINE not in labels or not instance:  # a rank's series come from a target
             continue
         deployments.setdefault((job, labels.get(n.LABEL_MODEL_NAME, "")), set()).add(instance)
         sample = by_instance.setdefault(instance, RankSample(instance, True, fetched_at=now))
