@@ -94,6 +94,11 @@ class RankMetrics:
                            "outcome.", (n.LABEL_OUTCOME,))
         self.requests_finished = {o: finished.labels(**labels, outcome=o)
                                   for o in n.REQUEST_OUTCOMES}
+        rejected = counter(n.REQUESTS_REJECTED, "New requests (count) this rank rejected "
+                           "instead of queueing, by reason (engine_paused: paused by "
+                           "pause_generation, vLLM 0.33+).", (n.LABEL_REASON,))
+        self.requests_rejected = {r: rejected.labels(**labels, reason=r)
+                                  for r in n.REJECT_REASONS}
         dropped = counter(n.TELEMETRY_DROPPED, "Telemetry items (count) dropped instead of "
                           "blocking the engine, by signal.", (n.LABEL_SIGNAL,))
         self.dropped = {s: dropped.labels(**labels, signal=s) for s in n.SIGNALS}
@@ -114,6 +119,21 @@ class RankMetrics:
         self.hot = HotPathState()
         registry.register(HotPathCollector(self.hot, labels))
         registry.register(WorkerBoardCollector(labels))
+
+
+def plugin_active(registry: CollectorRegistry, labels: Mapping[str, str], active: bool,
+                  reason: str, vllm_version: str) -> Gauge:
+    """``vllm_dp_plugin_active``: 1 while the plugin observes this rank, 0 when it is off, and
+    why (``reason`` from ``PLUGIN_REASONS``: a bounded set). An inactive rank's endpoint serves
+    this series alone, so "the plugin is off on rank 3" is a query, not a silence."""
+    if reason not in n.PLUGIN_REASONS:
+        raise ValueError(f"plugin reason {reason!r} is not one of {n.PLUGIN_REASONS}")
+    gauge = Gauge(n.PLUGIN_ACTIVE, "1 while the instrumented_core plugin observes this DP "
+                  "rank, 0 when it is off; reason says why (ok, unknown_version, "
+                  "contract_mismatch, ...).", [*n.BASE_LABELS, n.LABEL_REASON,
+                                               n.LABEL_VLLM_VERSION], registry=registry)
+    gauge.labels(**labels, reason=reason, vllm_version=vllm_version).set(1 if active else 0)
+    return gauge
 
 
 class HotPathState:

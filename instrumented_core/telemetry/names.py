@@ -23,6 +23,8 @@ LABEL_SIGNAL = "signal"  # telemetry signal that dropped data
 LABEL_CADENCE = "cadence"  # sync cadence: fixed | adaptive
 LABEL_WORKER = "worker"  # a rank's worker process, by its rank among the engine's workers
 LABEL_CALL = "call"  # the engine-to-worker call a worker is in (execute_model, ...)
+LABEL_REASON = "reason"  # why the plugin is (in)active; why a request was rejected
+LABEL_VLLM_VERSION = "vllm_version"  # the vLLM version a rank runs (one per deployment)
 
 BASE_LABELS = (LABEL_ENGINE, LABEL_MODEL_NAME)
 
@@ -41,6 +43,9 @@ LAST_PROGRESS = "vllm_dp_last_progress_timestamp_seconds"
 PAUSE_PENDING_SINCE = "vllm_dp_pause_pending_since_timestamp_seconds"
 REQUESTS_RUNNING = "vllm_dp_requests_running"  # work in flight, read at scrape time
 REQUESTS_WAITING = "vllm_dp_requests_waiting"
+# 1 when the plugin observes this rank, 0 when it is off, with the reason (PLUGIN_REASONS);
+# an inactive rank serves only this series on its endpoint.
+PLUGIN_ACTIVE = "vllm_dp_plugin_active"
 # A rank's workers (the processes that run the forward), read from the worker board.
 WORKER_CALL_INSIDE = "vllm_dp_worker_call_inside_seconds"
 WORKER_MODEL_COLLECTIVE_INSIDE = "vllm_dp_worker_model_collective_inside_seconds"
@@ -55,6 +60,7 @@ PAUSE_CONSENSUS = "vllm_dp_pause_consensus"
 RESUMES = "vllm_dp_resumes"
 START_DP_WAVE = "vllm_dp_start_dp_wave"
 REQUESTS_FINISHED = "vllm_dp_requests_finished"
+REQUESTS_REJECTED = "vllm_dp_requests_rejected"  # by reason (REJECT_REASONS)
 COLLECTIVE_WAIT = "vllm_dp_collective_wait_seconds"
 TELEMETRY_DROPPED = "vllm_dp_telemetry_dropped"
 WORKER_CALLS = "vllm_dp_worker_calls"  # engine-to-worker calls completed
@@ -99,6 +105,13 @@ WORKER_CALL_NAMES = ("execute_model", "sample_tokens", "execute_dummy_batch", "r
 MODEL_COLLECTIVE_NAMES = ("all_gatherv", "reduce_scatterv", "all_reduce", "all_gather",
                           "reduce_scatter", "dispatch", "combine", "dp_coordinate")
 SIGNALS = ("spans",)
+#: ``reason`` of vllm_dp_plugin_active: ok / unknown_version (active, 1); the others 0.
+PLUGIN_REASONS = ("ok", "unknown_version", "unknown_version_off", "no_two_phase_pause",
+                  "contract_mismatch", "engine_mismatch", "telemetry_error")
+#: ``reason`` of vllm_dp_requests_rejected (vLLM 0.33's error code for a request that arrives
+#: while the engine is paused by pause_generation in abort or wait mode)
+REJECT_ENGINE_PAUSED = "engine_paused"
+REJECT_REASONS = (REJECT_ENGINE_PAUSED,)
 CADENCES = ("fixed", "adaptive")
 
 SUFFIXED_COUNTERS = tuple(
@@ -112,6 +125,7 @@ SUFFIXED_COUNTERS = tuple(
         RESUMES,
         START_DP_WAVE,
         REQUESTS_FINISHED,
+        REQUESTS_REJECTED,
         TELEMETRY_DROPPED,
         WORKER_CALLS,
         WORKER_MODEL_COLLECTIVES,
@@ -128,6 +142,7 @@ PAUSE_CONSENSUS_TOTAL = PAUSE_CONSENSUS + "_total"
 RESUMES_TOTAL = RESUMES + "_total"
 START_DP_WAVE_TOTAL = START_DP_WAVE + "_total"
 REQUESTS_FINISHED_TOTAL = REQUESTS_FINISHED + "_total"
+REQUESTS_REJECTED_TOTAL = REQUESTS_REJECTED + "_total"
 TELEMETRY_DROPPED_TOTAL = TELEMETRY_DROPPED + "_total"
 COLLECTIVE_WAIT_TOTAL = COLLECTIVE_WAIT + "_total"
 WORKER_CALLS_TOTAL = WORKER_CALLS + "_total"
@@ -153,6 +168,7 @@ GAUGES = (
     PAUSE_PENDING_SINCE,
     REQUESTS_RUNNING,
     REQUESTS_WAITING,
+    PLUGIN_ACTIVE,
     WORKER_CALL_INSIDE,
     WORKER_MODEL_COLLECTIVE_INSIDE,
     WORKER_HEARTBEAT_AGE,

