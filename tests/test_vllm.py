@@ -15,11 +15,7 @@ import pytest
 
 from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.otlp_sink import OtlpSink
-
-pytestmark = pytest.mark.vllm
-
-
-from vllm_helpers import (  # noqa: E402
+from tests.vllm_helpers import (
     PROMPTS,
     VllmEngine,
     barrier_all,
@@ -32,6 +28,10 @@ from vllm_helpers import (  # noqa: E402
     tokens_in_subprocess,
     wait_for,
 )
+
+pytestmark = pytest.mark.vllm
+
+
 
 STEP = 60.0  # bound on every single engine call
 

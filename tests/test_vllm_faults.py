@@ -18,11 +18,7 @@ import pytest
 
 from instrumented_core.doctor import run_doctor
 from instrumented_core.telemetry import names as n
-
-pytestmark = pytest.mark.vllm
-
-
-from vllm_helpers import (  # noqa: E402
+from tests.vllm_helpers import (
     PROMPTS,
     VllmEngine,
     barrier_engine,
@@ -32,6 +28,10 @@ from vllm_helpers import (  # noqa: E402
     wait_for,
     wait_routed,
 )
+
+pytestmark = pytest.mark.vllm
+
+
 
 STEP = 60.0
 

@@ -106,7 +106,7 @@ def cpu_verdicts(ranks):
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, cpu_verdicts):
-    from vllm_helpers import PROMPTS, VllmEngine, generate
+    from tests.vllm_helpers import PROMPTS, VllmEngine, generate
 
     wedge_file = tmp_path_factory.mktemp("wedge") / "armed"
     # callables as collective_rpc methods (the slow-RPC test) need vLLM's pickle fallback
@@ -132,7 +132,7 @@ def engine(tmp_path_factory, cpu_verdicts):
 
 @pytest.fixture(scope="module")
 def prom(engine, tmp_path_factory):
-    from prom_helpers import running_prometheus
+    from tests.prom_helpers import running_prometheus
 
     with running_prometheus(engine.metrics_urls, tmp_path_factory.mktemp("prom")) as server:
         yield server
@@ -146,7 +146,7 @@ def _kind(kind: str, culprits: list[int] | None = None):
 
 
 async def _healthy_again(engine) -> None:
-    from vllm_helpers import doctor_until
+    from tests.vllm_helpers import doctor_until
 
     await doctor_until(engine.targets, lambda r: r.verdict.kind == "healthy", 30,
                        "healthy again")
@@ -157,7 +157,7 @@ IDLE_HOLD = 30.0  # past the wedge alerts' 10 s threshold + for: 15s, and the do
 
 def test_an_idle_engine_held_past_every_threshold_is_healthy_idle_and_fires_nothing(
         engine, prom, cpu_verdicts):
-    from vllm_helpers import doctor_until
+    from tests.vllm_helpers import doctor_until
 
     async def scenario():
         # idle: nobody has requests, and nothing has progressed for longer than every threshold
@@ -179,7 +179,7 @@ def test_an_idle_engine_held_past_every_threshold_is_healthy_idle_and_fires_noth
 
 def test_a_frozen_worker_on_a_random_rank_is_named_alerted_and_sigcont_loses_nothing(
         engine, ranks, prom, cpu_verdicts):
-    from vllm_helpers import Traffic, doctor_until
+    from tests.vllm_helpers import Traffic, doctor_until
 
     rank = ranks["freeze"]
     worker = engine.worker_process(rank)
@@ -223,7 +223,7 @@ def test_a_frozen_worker_on_a_random_rank_is_named_alerted_and_sigcont_loses_not
 
 
 def test_a_throttled_worker_on_a_random_rank_is_named_slow(engine, ranks, cpu_verdicts):
-    from vllm_helpers import Traffic, doctor_until
+    from tests.vllm_helpers import Traffic, doctor_until
 
     rank = ranks["slow"]
     worker = engine.worker_process(rank)
@@ -270,7 +270,7 @@ def test_a_throttled_worker_on_a_random_rank_is_named_slow(engine, ranks, cpu_ve
 
 
 def test_a_slow_collective_rpc_on_one_rank_names_that_rank_never_its_peer(engine, rng):
-    from vllm_helpers import bounded, doctor_until
+    from tests.vllm_helpers import bounded, doctor_until
 
     rank = rng.choice((0, 1))
     # runs in every worker (pickled by value: a lambda); only the chosen rank's is slow
@@ -300,7 +300,7 @@ def test_a_slow_collective_rpc_on_one_rank_names_that_rank_never_its_peer(engine
 
 def test_a_wedge_inside_the_model_collective_on_every_rank_is_wedged_never_healthy(
         engine, cpu_verdicts):
-    from vllm_helpers import Traffic, doctor_until
+    from tests.vllm_helpers import Traffic, doctor_until
 
     async def scenario():
         traffic = Traffic(engine.llm)

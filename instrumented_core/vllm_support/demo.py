@@ -31,6 +31,7 @@ DP is fixed to 2; the other faults and the adaptive cadence exist on the CPU eng
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import random
 import sys
@@ -44,10 +45,9 @@ from instrumented_core.demo import (
     Story,
     _expected,
     _live_view,
+    diagnose_until,
     finish_run,
 )
-from instrumented_core.diagnosis import verdict_matches
-from instrumented_core.doctor import run_doctor
 from instrumented_core.recorder import Recorder
 from instrumented_core.run_files import REPORT, SPANS, SUMMARY
 from instrumented_core.telemetry.config import DEFAULT_PORT_BASE, TelemetryConfig
@@ -145,28 +145,11 @@ class _Traffic:
 
 async def _diagnose(targets: list[str], story: Story, deadline: float,
                     want_fault: bool = True, expected: tuple[str, list[int]] | None = None):
-    """Doctor's verdict from the engines' metrics; with a fault, wait until it names someone.
-
-    With ``expected``, keep reading until the doctor says that (or the deadline passes), as
-    the CPU demo does: a fault takes up to the doctor's threshold to show as what it is.
-    Every other verdict seen on the way is noted in the story."""
+    """:func:`instrumented_core.demo.diagnose_until`, off the event loop (requests keep
+    flowing while the doctor reads)."""
     loop = asyncio.get_running_loop()
-    end = time.monotonic() + deadline
-    seen = None
-    while True:
-        report = await loop.run_in_executor(None, lambda: run_doctor(targets=targets))
-        verdict = report.verdict
-        settled = not want_fault or (
-            not verdict.healthy if expected is None
-            else verdict_matches(verdict.kind, verdict.culprits, *expected))
-        if settled or time.monotonic() > end:
-            story.note(f"doctor: {verdict.kind}: {verdict.summary} "
-                       f"({report.elapsed:.2f} s to read {len(targets)} engine cores)")
-            return verdict
-        if not verdict.healthy and (verdict.kind, verdict.culprits) != seen:
-            seen = (verdict.kind, verdict.culprits)
-            story.note(f"doctor (not settled yet): {verdict.kind}: {verdict.summary}")
-        await asyncio.sleep(0.5)
+    return await loop.run_in_executor(None, functools.partial(
+        diagnose_until, targets, story, deadline, want_fault, expected, "engine cores"))
 
 
 def _stall_seconds(options: DemoOptions) -> float:
