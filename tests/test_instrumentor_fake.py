@@ -325,13 +325,14 @@ def test_contract_check_fails_cleanly_against_a_fake_vllm_missing_a_method(
     assert (dict(engine_cls.__dict__), dict(pc_cls.__dict__)) == original  # nothing wrapped
 
 
-def test_contract_check_rejects_an_unsupported_version_and_accepts_033_method_flavour(
-        fresh_instrumentor, caplog):
-    loader, _, _ = _fake_vllm_api(version="0.31.1")
+def test_an_unchecked_version_stays_off_when_told_and_033_method_flavour_is_accepted(
+        fresh_instrumentor, caplog, monkeypatch):
+    monkeypatch.setenv("INSTRUMENTED_CORE_VLLM_UNKNOWN_VERSION", "off")
+    loader, _, _ = _fake_vllm_api(version="0.34.0")
     with caplog.at_level(logging.ERROR):
         fresh_instrumentor.instrument(import_module=loader)
     assert not fresh_instrumentor.is_instrumented_by_opentelemetry
-    assert "0.31.1" in fresh_instrumentor.contract_error
+    assert "0.34.0" in fresh_instrumentor.contract_error
     loader, engine_cls, pc_cls = _fake_vllm_api(version="0.33.0", flavour="method")
     raw = pc_cls.__dict__["sync_dp_state"]
     fresh_instrumentor.instrument(import_module=loader)
