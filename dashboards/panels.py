@@ -366,6 +366,15 @@ def stuck_rank() -> db.Dashboard:
              "engine {{engine}}"))
         .links([runbook_link("VllmDpGroupWedged")])
     )
+    d = d.with_panel(
+        ts("Plugin active per rank (1 on, 0 off: see the reason)",
+           "Whether our plugin instruments each rank, and if not, why (the legend shows the "
+           "reason: ok, unknown_version, or what the contract check found missing). A rank that "
+           "is off shows only this series: its other panels stay empty.", "none",
+           q(f"max by ({n.LABEL_ENGINE}, reason, vllm_version) "
+             f"({n.PLUGIN_ACTIVE}{{{RANKS}}})",
+             "engine {{engine}}: {{reason}} (vLLM {{vllm_version}})"), w=24, h=6)
+    )
     return d
 
 

@@ -346,6 +346,13 @@ def rank_main(rank: int, config: ClusterConfig, master_port: int, inbox, outbox,
                 "version": __version__, "vllm_version": "none (CPU reference cluster)"}
         telemetry = start_rank_telemetry(config.telemetry, rank, config.ranks, config.protocol,
                                          info, group_key=f"cluster-{master_port}")
+        if telemetry.registry is not None:  # the cluster's "plugin" is always on
+            from instrumented_core.telemetry import names as n
+            from instrumented_core.telemetry.metrics import plugin_active
+
+            plugin_active(telemetry.registry, {n.LABEL_ENGINE: str(rank),
+                                               n.LABEL_MODEL_NAME: config.telemetry.model_name},
+                          True, "ok", "none")
         timeout = timedelta(seconds=config.collective_timeout)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{master_port}",
                                 rank=rank, world_size=config.ranks, timeout=timeout)
