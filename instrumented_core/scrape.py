@@ -306,7 +306,8 @@ def sample_of_answer(target: str, status: int, body: bytes,
     """The sample a target's HTTP answer makes (pure: what :func:`scrape` does once read)."""
     sample = RankSample(target, True, fetched_at=time.time())
     if status != 200:
-        sample.problem = f"it answered HTTP {status}"
+        busy = " (busy: more concurrent scrapes than it serves; retry)" if status == 503 else ""
+        sample.problem = f"it answered HTTP {status}{busy}"
         return sample
     try:
         text = body.decode("utf-8")
