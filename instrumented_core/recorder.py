@@ -19,8 +19,10 @@ from instrumented_core.telemetry import names as n
 
 def row_of(sample: RankSample, rank: int) -> dict:
     """The per-rank fields the live view and report use, from one scrape."""
-    if not sample.reachable:
-        return {"t": sample.fetched_at, "rank": rank, "reachable": False}
+    if not sample.reachable or sample.problem:
+        # an answer that is not our exposition is no rank state: shown like no answer
+        return {"t": sample.fetched_at, "rank": rank, "reachable": False,
+                **({"problem": sample.problem} if sample.problem else {})}
     inside = {c: sample.get(n.COLLECTIVE_INSIDE, 0.0, collective=c) or 0.0 for c in n.COLLECTIVES}
     collective, seconds = max(inside.items(), key=lambda kv: kv[1])
     return {
