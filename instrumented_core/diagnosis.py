@@ -112,6 +112,41 @@ class RankView:
     pending_sync_rounds: int | None = None
 
 
+@dataclass(frozen=True)
+class WorkerNow:
+    """One worker of a rank as read now (from its engine's ``/metrics`` or straight from the
+    worker board): what it is inside, for how long, its sequence number and heartbeat age."""
+
+    call: str  # "" when not inside a call from its engine core
+    call_seconds: float
+    collective: str  # "" when not inside a model collective
+    collective_seconds: float
+    seq: int
+    heartbeat_age: float
+
+
+def worker_fields(workers: list[WorkerNow]) -> dict:
+    """The ``RankView`` fields of a rank's workers (none: no fields), one rule for the doctor
+    and the CPU cluster's own hang report: the call of the worker inside one longest, the
+    oldest heartbeat, the lowest sequence number, and a model collective only when every
+    worker is inside one (the shortest time among them)."""
+    if not workers:
+        return {}
+    longest = max(workers, key=lambda w: w.call_seconds)
+    fields: dict = {
+        "workers": len(workers),
+        "worker_call": longest.call if longest.call and longest.call_seconds > 0 else None,
+        "worker_call_seconds": longest.call_seconds,
+        "worker_heartbeat_age": max(w.heartbeat_age for w in workers),
+        "model_collective_seq": min(w.seq for w in workers),
+    }
+    if all(w.collective and w.collective_seconds > 0 for w in workers):
+        first = min(workers, key=lambda w: w.collective_seconds)
+        fields["model_collective"] = first.collective
+        fields["model_collective_seconds"] = first.collective_seconds
+    return fields
+
+
 @dataclass
 class Verdict:
     kind: str

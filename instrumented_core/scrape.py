@@ -27,7 +27,7 @@ from typing import TypeGuard
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from instrumented_core.diagnosis import RankView
+from instrumented_core.diagnosis import RankView, WorkerNow, worker_fields
 from instrumented_core.telemetry import names as n
 
 PHASE_NAMES = {code: name for name, code in n.PHASE_CODES.items()}
@@ -410,19 +410,17 @@ def _worker_fields(sample: RankSample, previous: RankSample | None) -> dict:
     heartbeat = sample.by_label(n.WORKER_HEARTBEAT_AGE, n.LABEL_WORKER)
     position = sample.labels_of(n.WORKER_POSITION_INFO, n.LABEL_WORKER)
     workers = sorted(call_inside)
-    longest = max(workers, key=lambda w: call_inside[w])
-    call = position.get(longest, {}).get(n.LABEL_CALL, "none")
-    fields: dict = {
-        "workers": len(workers),
-        "worker_call": call if call != "none" and call_inside[longest] > 0 else None,
-        "worker_call_seconds": call_inside[longest],
-        "worker_heartbeat_age": max(heartbeat.get(w, 0.0) for w in workers),
-        "model_collective_seq": int(min(seqs.get(w, 0.0) for w in workers)),
-    }
-    if all(coll_inside.get(w, 0.0) > 0 for w in workers):
-        first = min(workers, key=lambda w: coll_inside[w])
-        fields["model_collective"] = position.get(first, {}).get(n.LABEL_COLLECTIVE) or "?"
-        fields["model_collective_seconds"] = coll_inside[first]
+
+    def named(w: str, label: str) -> str:
+        value = position.get(w, {}).get(label, "none")
+        return "" if value == "none" else value
+
+    fields = worker_fields([WorkerNow(
+        call=named(w, n.LABEL_CALL), call_seconds=call_inside[w],
+        # inside with no position info (a scrape cut short): still inside, name unknown
+        collective=named(w, n.LABEL_COLLECTIVE) or ("?" if coll_inside.get(w, 0.0) > 0 else ""),
+        collective_seconds=coll_inside.get(w, 0.0), seq=int(seqs.get(w, 0.0)),
+        heartbeat_age=heartbeat.get(w, 0.0)) for w in workers])
     if previous is not None:
         before_seqs = previous.by_label(n.WORKER_MODEL_COLLECTIVES_TOTAL, n.LABEL_WORKER)
         if before_seqs:

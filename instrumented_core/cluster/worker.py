@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from instrumented_core.diagnosis import WorkerNow
 from instrumented_core.telemetry.worker_board import (
     CALL_CODES,
     COLLECTIVE_CODES,
@@ -44,7 +45,7 @@ from instrumented_core.telemetry.worker_board import (
     BoardWriter,
 )
 
-__all__ = ["WORKER_FAULTS", "RankWorker", "open_board", "worker_fields"]
+__all__ = ["WORKER_FAULTS", "RankWorker", "open_board", "worker_now"]
 
 WORKER_FAULTS = ("worker_stall", "worker_slow", "wedge", "freeze")
 _FOREVER_TICK = 0.05
@@ -203,22 +204,10 @@ class RankWorker:
             board.call_exit()
 
 
-def worker_fields(positions: list, now: float | None = None) -> dict:
-    """``RankView`` fields from a rank's worker-board records (as ``scrape`` derives them
-    from the rank's ``/metrics``, without the rates): for the client's own hang report."""
-    if not positions:
-        return {}
+def worker_now(position: Any, now: float | None = None) -> WorkerNow:
+    """A worker-board record as the diagnosis reads a worker (``diagnosis.worker_fields``)."""
     now = time.time() if now is None else now
-    longest = max(positions, key=lambda p: p.call_inside(now))
-    fields: dict = {
-        "workers": len(positions),
-        "worker_call": longest.call or None,
-        "worker_call_seconds": longest.call_inside(now),
-        "worker_heartbeat_age": max(p.heartbeat_age(now) for p in positions),
-        "model_collective_seq": min(p.collectives for p in positions),
-    }
-    if all(p.collective for p in positions):
-        first = min(positions, key=lambda p: p.collective_inside(now))
-        fields["model_collective"] = first.collective
-        fields["model_collective_seconds"] = first.collective_inside(now)
-    return fields
+    return WorkerNow(call=position.call, call_seconds=position.call_inside(now),
+                     collective=position.collective,
+                     collective_seconds=position.collective_inside(now),
+                     seq=position.collectives, heartbeat_age=position.heartbeat_age(now))
