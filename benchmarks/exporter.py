@@ -30,7 +30,7 @@ def run(quick: bool) -> None:
     from instrumented_core.cluster import ClusterConfig
     from instrumented_core.scrape import scrape_all
     from instrumented_core.telemetry import names as n
-    from instrumented_core.telemetry.otlp_sink import BlackholeServer, OtlpSink
+    from instrumented_core_testing.otlp_sink import BlackholeServer, OtlpSink
 
     ranks = 2
     reps = 2 if quick else 8

@@ -1,5 +1,9 @@
 """The dashboards themselves: panels, queries and variables (grafana-foundation-sdk 11.6
-builders), from the names module and the alert thresholds."""
+builders), from the names module and the ops configuration.
+
+Configured values (thresholds, the selector, the runbook base) are written as ``cfg(key)``
+sentinels; ``generate.py`` turns them into ``%(key)s`` templates shipped in the package, which
+the export (and the mixin) fill from ``instrumented_core.ops.config``."""
 
 from __future__ import annotations
 
@@ -12,20 +16,30 @@ from grafana_foundation_sdk.builders import stat, statetimeline, text, timeserie
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 
+from instrumented_core.ops.config import DEFAULTS
 from instrumented_core.telemetry import names as n
 
 OUT_DIR = Path(__file__).resolve().parent
-RUNBOOKS = "https://github.com/instrumented-core/instrumented-core/blob/main/otel-config/runbooks.md"
+
+
+def cfg(key: str) -> str:
+    """A configured value, filled in when the template is rendered (see generate.py)."""
+    assert key in DEFAULTS, key
+    return f"@@{key}@@"
+
+
+RUNBOOKS = cfg("runbookUrlBase")
 
 DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 # Label selectors, spelled once: the whole DP group, and the ranks picked in `engine`.
-GROUP = f'{n.LABEL_MODEL_NAME}="$model_name"'
+SELECTOR = cfg("selector")
+GROUP = f'{SELECTOR}, {n.LABEL_MODEL_NAME}="$model_name"'
 RANKS = f'{GROUP}, {n.LABEL_ENGINE}=~"$engine"'
 SYNC = f'{n.LABEL_COLLECTIVE}="{n.COLLECTIVE_SYNC}"'
 STEP = f'{n.LABEL_COLLECTIVE}="{n.COLLECTIVE_STEP}"'
 RATE = "$__rate_interval"
-STUCK_SECONDS = 10  # as in otel-config/rules (peers inside the sync all-reduce longer than this)
-WEDGED_SECONDS = 10  # as in otel-config/rules (VllmDpGroupWedged / VllmDpRankWedged thresholds)
+STUCK_SECONDS = cfg("syncStuckSeconds")  # peers inside the sync all-reduce longer than this
+WEDGED_SECONDS = cfg("wedgedSeconds")  # VllmDpGroupWedged / VllmDpRankWedged thresholds
 
 PHASE_COLORS = {n.PHASE_RUNNING: "green", n.PHASE_PENDING_PAUSE: "yellow", n.PHASE_PAUSED: "blue"}
 
@@ -75,7 +89,7 @@ def variables(d: db.Dashboard) -> db.Dashboard:
         d.with_variable(db.DatasourceVariable("datasource").label("Data source").type("prometheus"))
         .with_variable(
             db.QueryVariable(n.LABEL_MODEL_NAME).label("Model").datasource(DATASOURCE)
-            .query(f"label_values({n.PHASE}, {n.LABEL_MODEL_NAME})")
+            .query(f"label_values({n.PHASE}{{{SELECTOR}}}, {n.LABEL_MODEL_NAME})")
             .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
         )
         .with_variable(

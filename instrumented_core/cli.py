@@ -1,4 +1,4 @@
-"""The ``instrumented-core`` command line: ``demo`` and ``doctor``."""
+"""The ``instrumented-core`` command line: ``demo``, ``doctor`` and ``ops export``."""
 
 from __future__ import annotations
 
@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--stacks", action="store_true",
                         help="fetch the culprit's engine-thread stack from /debug/stacks")
     doctor.add_argument("--json", action="store_true", help="print the verdict as JSON")
+
+    from instrumented_core.ops.cli import add_parser as add_ops_parser
+
+    add_ops_parser(sub)
     return parser
 
 
@@ -217,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "ops":
+        from instrumented_core.ops.cli import run as run_ops
+
+        return run_ops(args)
     if args.command == "doctor" and args.selector and not args.prometheus:
         parser.error("--selector needs --prometheus (with --targets, list the ranks instead)")
     if args.command == "demo":

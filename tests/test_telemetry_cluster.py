@@ -13,7 +13,7 @@ from instrumented_core.cluster import Cluster, ClusterConfig
 from instrumented_core.scrape import scrape, scrape_all
 from instrumented_core.telemetry import TelemetryConfig, TelemetryConfigError
 from instrumented_core.telemetry import names as n
-from instrumented_core.telemetry.otlp_sink import BlackholeServer, OtlpGrpcSink, OtlpSink
+from instrumented_core_testing.otlp_sink import BlackholeServer, OtlpGrpcSink, OtlpSink
 
 pytestmark = pytest.mark.cluster
 

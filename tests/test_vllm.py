@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from instrumented_core.telemetry import names as n
-from instrumented_core.telemetry.otlp_sink import OtlpSink
+from instrumented_core_testing.otlp_sink import OtlpSink
 from tests.vllm_helpers import (
     PROMPTS,
     VllmEngine,

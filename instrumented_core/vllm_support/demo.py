@@ -79,7 +79,22 @@ def check_args(args: Any) -> str | None:
                 f"engine: use 0..{DP_SIZE - 1}")
     if importlib.util.find_spec("vllm") is None:
         return f"vLLM is not installed: {INSTALL_HINT}"
+    if not test_plugins_installed():
+        return ("--engine vllm runs vLLM's DP engine on CPU with the test-only plugins (CPU "
+                "data-parallel MoE, fault injection), which the production install leaves out: "
+                "pip install ./testing from a checkout, or use the CPU cluster (--engine cpu)")
     return None
+
+
+def test_plugins_installed() -> bool:
+    """Whether instrumented-core-testing registers its vLLM plugins (the vLLM demo needs them:
+    vLLM's CPU build cannot run DP MoE without ``instrumented_core_cpu_dp``, and ``--fault``
+    and ``--protocol legacy`` are its fault injection)."""
+    from importlib.metadata import entry_points
+
+    values = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    return all(values.get(name, "").startswith("instrumented_core_testing.")
+               for name in ("instrumented_core_cpu_dp", "instrumented_core_legacy_pause"))
 
 
 def options_from_args(args: Any) -> DemoOptions:
@@ -160,7 +175,7 @@ def _engine_env(options: DemoOptions, out_dir: Path, fault_rank: int) -> tuple[d
     """Environment of the engine processes and the Gloo timeout for this run."""
     import os
 
-    from instrumented_core.vllm_support import faults, legacy_pause
+    from instrumented_core_testing import faults, legacy_pause
 
     env = {
         "INSTRUMENTED_CORE_TELEMETRY": "1",

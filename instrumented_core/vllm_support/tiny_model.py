@@ -15,7 +15,7 @@ spawns its engine-core and worker processes, which inherit it; see :func:`vllm_c
 
 - ``VLLM_CPU_KVCACHE_SPACE=1``: 1 GiB KV cache per engine instead of a fraction of RAM;
 - ``INSTRUMENTED_CORE_VLLM_CPU_DP=1``: turns on our CPU DP plugin
-  (:mod:`instrumented_core.vllm_support.cpu_dp`), without which the first MoE forward fails
+  (:mod:`instrumented_core_testing.cpu_dp`), without which the first MoE forward fails
   with ``NotImplementedError`` in ``all_gatherv``;
 - the script must use an ``if __name__ == "__main__":`` guard (spawn start method).
 
@@ -26,7 +26,7 @@ every installed entry point of the group ``vllm.general_plugins`` (``VLLM_PLUGIN
 is an allow-list of entry-point names). The project's ``pyproject.toml`` registers::
 
     [project.entry-points."vllm.general_plugins"]
-    instrumented_core_cpu_dp = "instrumented_core.vllm_support.cpu_dp:register"
+    instrumented_core_cpu_dp = "instrumented_core_testing.cpu_dp:register"
 
 so the package only has to be *installed* (``pip install``, or ``pip install -e``) in the
 environment that runs vLLM. Importing the module in the front end is not enough: the

@@ -15,7 +15,7 @@ outside the instrumentor's observation of the call (this wrapper is installed af
 sits outside it), so the stalled rank is reported as not inside the collective.
 
 Loaded by the test-only plugin entry point ``instrumented_core_legacy_pause``
-(:func:`instrumented_core.vllm_support.legacy_pause.register`), after the instrumentor.
+(:func:`instrumented_core_testing.legacy_pause.register`), after the instrumentor.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ worker process (``WorkerBase.init_worker``), which is where the MoE layers run. 
 registers this function as::
 
     [project.entry-points."vllm.general_plugins"]
-    instrumented_core_cpu_dp = "instrumented_core.vllm_support.cpu_dp:register"
+    instrumented_core_cpu_dp = "instrumented_core_testing.cpu_dp:register"
 
 The plugin is opt-in: ``register()`` does nothing unless the environment variable
 ``INSTRUMENTED_CORE_VLLM_CPU_DP`` is ``1`` / ``true`` / ``on`` / ``yes`` (set it in the parent

@@ -16,7 +16,7 @@ With it active, in every engine-core process:
 instrumentor labels the rank's protocol ``legacy``. Registered as::
 
     [project.entry-points."vllm.general_plugins"]
-    instrumented_core_legacy_pause = "instrumented_core.vllm_support.legacy_pause:register"
+    instrumented_core_legacy_pause = "instrumented_core_testing.legacy_pause:register"
 
 ``register()`` also loads the other test-only fault (:mod:`.faults`, a stalled sync round).
 It is idempotent and never raises into vLLM; ``uninstall()`` restores vLLM.
@@ -88,7 +88,7 @@ def uninstall() -> None:
 def register() -> None:
     """``vllm.general_plugins`` entry point for the test-only faults: the legacy pause when
     ``IC_LEGACY_ONE_PHASE_PAUSE=1``, and the sync stall of :mod:`.faults` when configured."""
-    from instrumented_core.vllm_support import faults
+    from instrumented_core_testing import faults
 
     faults.register()
     if not enabled_by_env():

@@ -1,0 +1,98 @@
+"""Kubernetes manifests for kube-prometheus-stack: PodMonitor, PrometheusRule, dashboard ConfigMaps.
+
+- ``PodMonitor``: one ``podMetricsEndpoints`` entry per DP rank, on the named container port
+  ``ic-rank-<r>`` (rank r serves on ``metricsPortBase + r``), each relabelled to the
+  configured ``job`` so the rules' selector matches in-cluster as it does with prometheus.yml.
+  A pod that does not declare a rank's port is not scraped for it (no false ``up == 0``).
+- ``PrometheusRule``: the recording and alert groups exactly as exported in ``rules/``.
+- Dashboard ``ConfigMap``s labelled ``grafana_dashboard: "1"`` (what the Grafana sidecar of
+  kube-prometheus-stack watches), with the folder in the sidecar's ``grafana_folder``
+  annotation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["PART_OF", "container_ports", "manifests", "port_name"]
+
+PART_OF = {"app.kubernetes.io/part-of": "instrumented-core"}
+
+
+def port_name(rank: int) -> str:
+    """The container port name of a rank's /metrics (an IANA service name: at most 15 chars)."""
+    return f"ic-rank-{rank}"
+
+
+def container_ports(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``ports`` entries a vLLM container declares for its ranks' /metrics."""
+    return [{"name": port_name(r), "containerPort": config["metricsPortBase"] + r,
+             "protocol": "TCP"} for r in range(config["dpSize"])]
+
+
+def _yaml(docs: list[dict[str, Any]]) -> str:
+    import yaml
+
+    return "---\n".join(yaml.safe_dump(d, sort_keys=False, width=1000) for d in docs)
+
+
+def pod_monitor(config: Mapping[str, Any]) -> dict[str, Any]:
+    from instrumented_core.ops.config import pod_labels
+
+    endpoints = [{
+        "port": port_name(r),
+        "path": "/metrics",
+        "interval": config["scrapeInterval"],
+        # the ranks label their series with engine and model_name themselves; keep theirs
+        "honorLabels": True,
+        "relabelings": [{"action": "replace", "targetLabel": "job",
+                         "replacement": config["job"]}],
+    } for r in range(config["dpSize"])]
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {"name": "vllm-dp-pause", "namespace": config["namespace"],
+                     "labels": dict(PART_OF)},
+        "spec": {"selector": {"matchLabels": pod_labels(config)},
+                 "podMetricsEndpoints": endpoints},
+    }
+
+
+def prometheus_rule(config: Mapping[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "vllm-dp-pause", "namespace": config["namespace"],
+                     "labels": dict(PART_OF)},
+        "spec": {"groups": groups},
+    }
+
+
+def dashboard_config_map(config: Mapping[str, Any], name: str, text: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "vllm-dp-dashboard-" + name.removesuffix(".json").replace("_", "-"),
+            "namespace": config["namespace"],
+            "labels": {"grafana_dashboard": "1", **PART_OF},
+            "annotations": {"grafana_folder": config["grafanaFolder"]},
+        },
+        "data": {name: text},
+    }
+
+
+def manifests(config: Mapping[str, Any], files: Mapping[str, str]) -> dict[str, str]:
+    """Relative path -> manifest text, built from the already rendered ``files``."""
+    import yaml
+
+    groups = [g for name in ("rules/recording.yml", "rules/alerts.yml")
+              for g in yaml.safe_load(files[name])["groups"]]
+    maps = [dashboard_config_map(config, path.split("/", 1)[1], text)
+            for path, text in sorted(files.items()) if path.startswith("dashboards/")]
+    return {
+        "kubernetes/podmonitor.yaml": _yaml([pod_monitor(config)]),
+        "kubernetes/prometheusrule.yaml": _yaml([prometheus_rule(config, groups)]),
+        "kubernetes/grafana-dashboards.yaml": _yaml(maps),
+    }
