@@ -25,9 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OTEL = ROOT / "otel-config"
 RULES = OTEL / "rules"
 RULE_FILES = [RULES / "recording.yml", RULES / "alerts.yml"]
-RUNBOOK_BASE = (
-    "https://github.com/instrumented-core/instrumented-core/blob/main/otel-config/runbooks.md"
-)
+RUNBOOK_BASE = "runbooks.md"  # the default runbookUrlBase: the file next to the rules
 REQUIRED_ALERTS = {
     "VllmDpSyncAllReduceStuck",
     "VllmDpRankNotProgressing",
@@ -250,11 +248,20 @@ def test_collector_config_parses_and_every_pipeline_component_is_defined_and_in_
     pipelines = service["pipelines"]
     assert "otlp" in pipelines["traces"]["receivers"]
     assert any(e.split("/")[0] in {"otlp", "otlphttp"} for e in pipelines["traces"]["exporters"])
-    assert any(p.split("/")[0] == "batch" for p in pipelines["metrics"]["processors"])
-    assert any(e.split("/")[0] in {"prometheus", "prometheusremotewrite"}
-               for e in pipelines["metrics"]["exporters"])
-    prom = config["exporters"]["prometheus"]
-    assert prom["resource_to_telemetry_conversion"]["enabled"] is True
+    assert any(p.split("/")[0] == "batch" for p in pipelines["traces"]["processors"])
+
+
+def test_collector_config_expects_only_what_the_ranks_send():
+    """Spans only: no metrics pipeline while no code sends OTLP metrics, and no processor
+    reading resource attributes the ranks' spans do not carry."""
+    config = load(OTEL / "collector.yaml")
+    assert set(config["service"]["pipelines"]) == {"traces"}
+    sources = "\n".join(p.read_text() for p in (ROOT / "instrumented_core").rglob("*.py"))
+    assert "MeterProvider" not in sources and "OTLPMetricExporter" not in sources, (
+        "the plugin now sends OTLP metrics: give the collector a metrics pipeline again")
+    for name in config.get("processors", {}):
+        assert not name.startswith(("resource", "attributes", "transform")), (
+            f"{name}: the collector remaps attributes; check they are on the resource")
 
 
 # --- Dashboards ----------------------------------------------------------------------------

@@ -37,8 +37,8 @@ def _yaml(docs: list[dict[str, Any]]) -> str:
     """YAML documents; multi-line strings (dashboards, rule expressions) as block scalars."""
     import yaml
 
-    class Dumper(yaml.SafeDumper):
-        pass
+    class Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
+        pass  # libyaml's dumper where the yaml build has it: 10x faster on the dashboards
 
     def text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
         style = "|" if "\n" in value else None
@@ -137,8 +137,9 @@ def manifests(config: Mapping[str, Any], files: Mapping[str, str]) -> dict[str, 
     """Relative path -> manifest text, built from the already rendered ``files``."""
     import yaml
 
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     groups = [g for name in ("rules/recording.yml", "rules/alerts.yml")
-              for g in yaml.safe_load(files[name])["groups"]]
+              for g in yaml.load(files[name], Loader=loader)["groups"]]
     maps = [dashboard_config_map(config, path.split("/", 1)[1], text)
             for path, text in sorted(files.items()) if path.startswith("dashboards/")]
     return {

@@ -44,7 +44,8 @@ def rule_templates() -> dict[str, Any]:
     """File name -> the rule file's template, parsed (string leaves are templates)."""
     import yaml
 
-    return {name: yaml.safe_load(_bundle_text("rules", name)) for name in RULE_FILES}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return {name: yaml.load(_bundle_text("rules", name), Loader=loader) for name in RULE_FILES}
 
 
 def dashboard_templates() -> dict[str, Any]:
