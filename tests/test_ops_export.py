@@ -315,3 +315,22 @@ def test_the_production_package_registers_and_holds_no_test_only_code():
     testing = tomllib.loads((ROOT / "testing" / "pyproject.toml").read_text())["project"]
     assert set(testing["entry-points"]["vllm.general_plugins"]) == {
         "instrumented_core_cpu_dp", "instrumented_core_legacy_pause"}
+
+
+def test_the_vllm_demo_without_the_testing_distribution_says_so_in_one_line(monkeypatch):
+    import importlib.metadata
+    import importlib.util
+    from types import SimpleNamespace
+
+    from instrumented_core.vllm_support import demo
+
+    production = [importlib.metadata.EntryPoint(
+        "instrumented_core", "instrumented_core.vllm_support.plugin:register",
+        "vllm.general_plugins")]
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: production if group == "vllm.general_plugins" else [])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # "vllm installed"
+    args = SimpleNamespace(ranks=None, fault="stall", cadence="fixed", fault_rank=None)
+    reason = demo.check_args(args)
+    assert reason is not None and "pip install ./testing" in reason and "\n" not in reason
+    assert not demo.test_plugins_installed()
