@@ -334,3 +334,16 @@ def test_the_vllm_demo_without_the_testing_distribution_says_so_in_one_line(monk
     reason = demo.check_args(args)
     assert reason is not None and "pip install ./testing" in reason and "\n" not in reason
     assert not demo.test_plugins_installed()
+
+
+def test_the_docs_alert_table_names_each_alerts_severity_and_for_from_the_configuration():
+    text = (ROOT / "docs" / "ops.md").read_text()
+    rows = dict(re.findall(r"^\| (VllmDp\w+) \| (\w+, `\w+`) \|", text, re.M))
+    alerts = {k: r for k, r in rules(export()).items() if "alert" in r}
+    assert set(rows) == set(alerts)
+    for name, rule in alerts.items():
+        severity, key = re.fullmatch(r"(\w+), `(\w+)`", rows[name]).groups()
+        assert severity == rule["labels"]["severity"], name
+        assert DEFAULTS[key] == rule["for"], f"{name}: docs say for: {key}, the rule differs"
+    # numbers live in the generated configuration table only
+    assert "| `syncStuckSeconds` | `10` |" in text
