@@ -153,9 +153,11 @@ def test_other_thresholds_leave_out_the_unit_tests_written_for_the_defaults(caps
         if key == "pauseConsensusMinSeconds":
             overrides["pauseConsensusMaxSeconds"] = 999
         assert "rules/alerts_test.yml" not in export(**overrides), key
+    assert main(["ops", "export", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "rules" / "alerts_test.yml").exists()
     assert main(["ops", "export", "--out", str(tmp_path), "--set", "wedgedSeconds=12"]) == 0
     assert "alerts_test.yml left out" in capsys.readouterr().out
-    assert not (tmp_path / "rules" / "alerts_test.yml").exists()
+    assert not (tmp_path / "rules" / "alerts_test.yml").exists(), "stale tests left behind"
 
 
 def test_a_config_file_and_the_mixin_spelling_of_it_are_read(tmp_path):

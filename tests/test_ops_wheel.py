@@ -148,6 +148,24 @@ def test_an_export_from_the_installed_wheel_passes_promtool_the_dashboard_check_
         assert json.loads(back) == doc, name
 
 
+def test_a_configured_export_from_the_installed_wheel_passes_promtool(venv):
+    python, _, _, work = venv
+    env = _clean_env()
+    out = work / "configured"
+    (work / "ops.yaml").write_text("syncStuckSeconds: 20\nrankWedgedFor: 45s\n")
+    _run(work / "venv" / "bin" / "instrumented-core", "ops", "export", "--out", out,
+         "--config", work / "ops.yaml", "--selector", 'job="vllm-prod", namespace="llm"',
+         "--runbook-url-base", "https://wiki.example.com/vllm-dp", cwd=work, env=env)
+    promtool = tool("promtool")
+    _run(promtool, "check", "rules", out / "rules" / "recording.yml", out / "rules" / "alerts.yml",
+         cwd=out)
+    alerts = yaml.safe_load((out / "rules" / "alerts.yml").read_text())["groups"][0]["rules"]
+    wedged = next(r for r in alerts if r["alert"] == "VllmDpRankWedged")
+    assert wedged["for"] == "45s"
+    assert 'vllm_dp_worker_heartbeat_age_seconds{job="vllm-prod", namespace="llm"}' in wedged["expr"]
+    assert not (out / "rules" / "alerts_test.yml").exists()
+
+
 def test_a_bad_export_option_from_the_installed_command_is_one_line_and_exit_2(venv):
     _, _, _, work = venv
     proc = subprocess.run([str(work / "venv" / "bin" / "instrumented-core"), "ops", "export",

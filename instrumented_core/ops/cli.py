@@ -71,6 +71,9 @@ def _write(out: Path, files: dict[str, str]) -> None:
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+    stale = out / "rules" / "alerts_test.yml"
+    if "rules/alerts_test.yml" not in files and stale.exists():
+        stale.unlink()  # an earlier export's tests, written for other thresholds
 
 
 def run(args: argparse.Namespace) -> int:
