@@ -164,6 +164,11 @@ def test_a_configured_export_from_the_installed_wheel_passes_promtool(venv):
     assert wedged["for"] == "45s"
     assert 'vllm_dp_worker_heartbeat_age_seconds{job="vllm-prod", namespace="llm"}' in wedged["expr"]
     assert not (out / "rules" / "alerts_test.yml").exists()
+    # another job at the default thresholds: the unit tests follow the job and pass
+    _run(work / "venv" / "bin" / "instrumented-core", "ops", "export", "--out", work / "job",
+         "--job", "vllm-prod", cwd=work, env=env)
+    assert "SUCCESS" in _run(promtool, "test", "rules", "alerts_test.yml",
+                             cwd=work / "job" / "rules").stdout
 
 
 def test_a_bad_export_option_from_the_installed_command_is_one_line_and_exit_2(venv):
