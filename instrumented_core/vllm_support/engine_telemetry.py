@@ -75,9 +75,13 @@ def start_engine_telemetry(engine: Any, info: dict[str, str],
     group_key = f"vllm-dp/{pc.data_parallel_master_ip}:{pc.data_parallel_master_port}"
     telemetry = start_rank_telemetry(config, int(engine.dp_rank), int(engine.dp_size),
                                      info["protocol"], info, group_key)
-    if telemetry.registry is not None:
-        plugin_active(telemetry.registry, _labels(engine, config), True, reason,
-                      info.get("vllm_version", "unknown"))
+    try:
+        if telemetry.registry is not None:
+            plugin_active(telemetry.registry, _labels(engine, config), True, reason,
+                          info.get("vllm_version", "unknown"))
+    except BaseException:
+        telemetry.close()  # all or nothing: the port goes to the status-only endpoint
+        raise
     if telemetry.server is not None:
         log.info("instrumented_core: DP rank %s telemetry on %s", engine.dp_rank,
                  telemetry.metrics_url)
