@@ -73,3 +73,118 @@ def test_start_rank_telemetry_closes_its_endpoint_when_a_later_step_fails(tmp_pa
     from instrumented_core.telemetry.server import MetricsServer
 
     MetricsServer(CollectorRegistry(), "127.0.0.1", port).close()
+
+
+# ----------------------------------------------------------------------------------------------
+# probe errors: counted, logged once per place, and the probe recovers
+# ----------------------------------------------------------------------------------------------
+
+
+class _EngineState:
+    """What the probe reads from an engine; ``broken`` names attributes that raise."""
+
+    def __init__(self) -> None:
+        self.broken: set[str] = set()
+        self.engines_running = True
+        self.ignore_start_dp_wave = False
+        self.step_counter = 3
+        self.sync_interval = 16
+        self.pending_pause = False
+
+    @property
+    def current_wave(self) -> int:
+        if "current_wave" in self.broken:
+            raise RuntimeError("engine replaced its wave state")
+        return 7
+
+    def request_counts(self):
+        return 1, 0
+
+
+def _probe_with_spans():
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from instrumented_core.telemetry.metrics import RankMetrics
+    from instrumented_core.telemetry.probe import TelemetryProbe
+
+    registry = CollectorRegistry()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    probe = TelemetryProbe(0, 2, RankMetrics(registry, 0, "m", {}), provider)
+    state = _EngineState()
+    probe.attach(state)
+    return probe, state, registry, exporter
+
+
+def _errors_at(registry, where: str) -> float | None:
+    return registry.get_sample_value(n.TELEMETRY_ERRORS_TOTAL, {
+        n.LABEL_ENGINE: "0", n.LABEL_MODEL_NAME: "m", n.LABEL_WHERE: where})
+
+
+def _pause(probe) -> None:
+    from instrumented_core.protocol import Phase
+
+    probe.pause_requested("keep")
+    probe.phase_changed(Phase.RUNNING, Phase.PENDING_PAUSE)
+    probe.phase_changed(Phase.PENDING_PAUSE, Phase.PAUSED)
+    probe.resumed()
+    probe.phase_changed(Phase.PAUSED, Phase.RUNNING)
+
+
+def test_probe_errors_are_counted_per_place_logged_once_each_and_the_next_pause_is_clean(
+        caplog):
+    import logging
+
+    probe, state, registry, exporter = _probe_with_spans()
+    assert _errors_at(registry, "pause_requested") is None  # no series while all is well
+    state.broken.add("current_wave")
+    with caplog.at_level(logging.ERROR, logger="instrumented_core.telemetry.probe"):
+        _pause(probe)  # pause_requested and phase_changed(PAUSED) and resumed read the wave
+        _pause(probe)
+        probe.collective_end(n.COLLECTIVE_STEP, None)  # a per-step call: guarded too
+    assert _errors_at(registry, "pause_requested") == 2
+    assert _errors_at(registry, "collective_end") == 1
+    logged = {r.getMessage().split(" on DP")[0] for r in caplog.records}
+    # once per place (reading the registry is a scrape: the wave gauge fails there too)
+    assert logged == {"telemetry error in pause_requested", "telemetry error in scrape",
+                      "telemetry error in collective_end"}, logged
+    assert all(r.exc_info for r in caplog.records)  # with the traceback
+    # a gauge that raises at scrape time: NaN and counted; the scrape itself works
+    from prometheus_client import generate_latest
+
+    text = generate_latest(registry).decode()
+    assert 'vllm_dp_current_wave{engine="0",model_name="m"} NaN' in text
+    assert _errors_at(registry, "scrape") >= 1
+    # the engine is fine again: the very next pause gets its whole trace
+    state.broken.clear()
+    exporter.clear()
+    _pause(probe)
+    names = sorted(s.name for s in exporter.get_finished_spans())
+    assert names == sorted([n.SPAN_PAUSE, n.SPAN_PENDING, n.SPAN_PAUSED])
+    assert registry.get_sample_value(n.STEPS_TOTAL, {n.LABEL_ENGINE: "0",
+                                                     n.LABEL_MODEL_NAME: "m",
+                                                     n.LABEL_KIND: "real"}) == 0
+
+
+def test_an_error_inside_a_pause_ends_its_spans_marked_and_the_next_pause_starts_clean():
+    from instrumented_core.protocol import Phase
+
+    probe, state, registry, exporter = _probe_with_spans()
+    probe.pause_requested("wait")
+    probe.phase_changed(Phase.RUNNING, Phase.PENDING_PAUSE)
+    state.broken.add("current_wave")
+    probe.phase_changed(Phase.PENDING_PAUSE, Phase.PAUSED)  # the consensus event fails
+    ended = {s.name: s.attributes.get(n.ATTR_ENDED_BY) for s in exporter.get_finished_spans()}
+    assert ended == {n.SPAN_PAUSE: "telemetry_error", n.SPAN_PENDING: "telemetry_error"}
+    assert _errors_at(registry, "phase_changed") == 1
+    state.broken.clear()
+    exporter.clear()
+    probe.resumed()
+    probe.phase_changed(Phase.PAUSED, Phase.RUNNING)
+    _pause(probe)
+    spans = exporter.get_finished_spans()
+    assert sorted(s.name for s in spans) == sorted([n.SPAN_PAUSE, n.SPAN_PENDING, n.SPAN_PAUSED])
+    assert not any(s.attributes.get(n.ATTR_ENDED_BY) for s in spans)
