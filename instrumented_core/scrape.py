@@ -131,9 +131,9 @@ def endpoint_problem(sample: RankSample) -> str:
     """Why an answering target is not a vLLM DP endpoint of ours ("" when it is one)."""
     if sample.problem:
         return sample.problem
-    inactive = sample.labels_of(n.PLUGIN_ACTIVE, n.LABEL_REASON)
-    off = [reason for reason in inactive
-           if sample.get(n.PLUGIN_ACTIVE, **{n.LABEL_REASON: reason}) == 0]
+    off = [dict(labels).get(n.LABEL_REASON, "unknown")
+           for (series, labels), value in sample.values.items()
+           if series == n.PLUGIN_ACTIVE and value == 0]
     if off:  # a status-only endpoint: the plugin could not observe this rank, and says why
         return (f"the instrumented_core plugin does not observe this rank "
                 f"(vllm_dp_plugin_active 0, reason {off[0]}); see that rank's log")
