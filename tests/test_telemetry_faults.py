@@ -188,3 +188,46 @@ def test_an_error_inside_a_pause_ends_its_spans_marked_and_the_next_pause_starts
     spans = exporter.get_finished_spans()
     assert sorted(s.name for s in spans) == sorted([n.SPAN_PAUSE, n.SPAN_PENDING, n.SPAN_PAUSED])
     assert not any(s.attributes.get(n.ATTR_ENDED_BY) for s in spans)
+
+
+# ----------------------------------------------------------------------------------------------
+# shutdown is bounded, and what it could not send is counted
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_shutdown_against_a_collector_that_never_answers_is_bounded_and_counts_unsent_spans(
+        protocol, caplog):
+    """A real OTLP exporter to a loopback listener that accepts and never replies: the rank's
+    shutdown (run on the engine thread) returns within its bound, and every span that did not
+    leave is counted as dropped and named in one log line."""
+    import logging
+    import time
+
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from instrumented_core.telemetry.otlp_sink import BlackholeServer
+    from instrumented_core.telemetry.tracing import BoundedSpanProcessor, make_exporter
+
+    hole = BlackholeServer()
+    dropped: list[int] = []
+    try:
+        endpoint = hole.endpoint + ("" if protocol == "grpc" else "/v1/traces")
+        exporter = make_exporter(TelemetryConfig(span_exporter="otlp", otlp_endpoint=endpoint,
+                                                 otlp_protocol=protocol))
+        provider = TracerProvider()
+        provider.add_span_processor(BoundedSpanProcessor(exporter, dropped.append,
+                                                         interval=60, shutdown_timeout=1.0))
+        tracer = provider.get_tracer("t")
+        for i in range(1000):  # 4 batches: 8 s of export attempts, more than the bound
+            tracer.start_span(f"s{i}").end()
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="instrumented_core.telemetry.tracing"):
+            provider.shutdown()
+        took = time.monotonic() - started
+    finally:
+        hole.close()
+    assert took < 1.0 + 1.0, f"shutdown took {took:.1f} s with a 1 s bound"
+    assert sum(dropped) == 1000, dropped  # each span counted once: unsent or failed
+    [line] = [r.getMessage() for r in caplog.records if "unsent at shutdown" in r.getMessage()]
+    assert line.startswith("span export: 1000 span(s) unsent at shutdown")

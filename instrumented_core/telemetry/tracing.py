@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.config import TelemetryConfig
 
 log = logging.getLogger(__name__)
+
+#: Seconds a rank's shutdown may spend exporting its last spans (exporter shutdown included).
+SHUTDOWN_TIMEOUT = 3.0
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -64,16 +68,21 @@ class BoundedSpanProcessor(SpanProcessor):
         max_queue: int = 2048,
         max_batch: int = 256,
         interval: float = 0.5,
+        shutdown_timeout: float = SHUTDOWN_TIMEOUT,
     ) -> None:
         self._exporter = exporter
         self._on_drop = on_drop
         self._queue: queue.Queue[ReadableSpan] = queue.Queue(max_queue)
         self._max_batch = max_batch
         self._interval = interval
+        self._shutdown_timeout = shutdown_timeout
         self._stop = threading.Event()
         self._flush_requested = threading.Event()
         self._flushed = threading.Event()
         self._error_logged = False
+        self._in_flight = 0  # spans of the batch being exported now
+        self._gave_up = False  # shutdown counted what was left: later failures are not new
+        self._accounting = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
         self._thread.start()
 
@@ -96,13 +105,17 @@ class BoundedSpanProcessor(SpanProcessor):
         return batch
 
     def _export(self, batch: list[ReadableSpan]) -> None:
+        self._in_flight = len(batch)
         try:
             result = self._exporter.export(batch)
             ok = result is SpanExportResult.SUCCESS
             error = None if ok else "exporter returned FAILURE"
         except Exception as e:  # noqa: BLE001 - telemetry never raises into the engine
             ok, error = False, f"{type(e).__name__}: {e}"
-        if not ok:
+        with self._accounting:  # a batch is counted here or by shutdown, never twice
+            self._in_flight = 0
+            counted_by_shutdown = self._gave_up
+        if not ok and not counted_by_shutdown:
             self._on_drop(len(batch))
             if not self._error_logged:
                 self._error_logged = True
@@ -116,7 +129,7 @@ class BoundedSpanProcessor(SpanProcessor):
             if self._flush_requested.is_set():
                 self._flush_requested.clear()
                 self._flushed.set()
-        while batch := self._drain():
+        while not self._gave_up and (batch := self._drain()):
             self._export(batch)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
@@ -125,12 +138,38 @@ class BoundedSpanProcessor(SpanProcessor):
         return self._flushed.wait(timeout_millis / 1000)
 
     def shutdown(self) -> None:
+        """Export what is queued, for at most ``shutdown_timeout`` seconds in all (the
+        exporter's own shutdown included: the OTel gRPC exporter can wait 30 s there, on the
+        engine thread). Spans still unsent then are counted as dropped and logged with their
+        count; the export thread is a daemon and dies with the process."""
+        deadline = time.monotonic() + self._shutdown_timeout
         self._stop.set()
         self._flush_requested.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=self._shutdown_timeout)
+        if self._thread.is_alive():
+            with self._accounting:
+                self._gave_up = True
+                unsent = self._in_flight + len(self._drain_all())
+            if unsent:
+                self._on_drop(unsent)
+                log.warning("span export: %d span(s) unsent at shutdown: the exporter did not "
+                            "finish within %.1f s (collector not answering?); counted in %s",
+                            unsent, self._shutdown_timeout, n.TELEMETRY_DROPPED_TOTAL)
+        closer = threading.Thread(target=self._close_exporter, name="span-export-close",
+                                  daemon=True)
+        closer.start()
+        closer.join(timeout=max(0.1, deadline - time.monotonic()))
+
+    def _drain_all(self) -> list[ReadableSpan]:
+        spans: list[ReadableSpan] = []
+        while batch := self._drain():
+            spans.extend(batch)
+        return spans
+
+    def _close_exporter(self) -> None:
         try:
             self._exporter.shutdown()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - closing a failed exporter is best effort
             pass
 
 
