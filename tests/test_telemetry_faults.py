@@ -231,3 +231,120 @@ def test_shutdown_against_a_collector_that_never_answers_is_bounded_and_counts_u
     assert sum(dropped) == 1000, dropped  # each span counted once: unsent or failed
     [line] = [r.getMessage() for r in caplog.records if "unsent at shutdown" in r.getMessage()]
     assert line.startswith("span export: 1000 span(s) unsent at shutdown")
+
+
+# ----------------------------------------------------------------------------------------------
+# the OTLP endpoint vLLM exports to: its protocol too
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["--otlp-traces-endpoint host:port",
+                                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])
+def test_spans_reach_the_grpc_collector_vllm_exports_to_with_vllms_default_protocol(
+        fresh_instrumentor, monkeypatch, how):
+    """vLLM 0.32 exports to ``--otlp-traces-endpoint`` over gRPC unless
+    ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` says otherwise, and its front end puts that endpoint
+    in ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` for the engine cores. A rank that inherits it
+    sends its spans to a real OTLP/gRPC receiver on loopback, the way vLLM's do."""
+    import types
+
+    from instrumented_core.protocol import Phase
+    from instrumented_core.telemetry.otlp_sink import OtlpGrpcSink
+
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL",
+                 "OTEL_TRACES_EXPORTER", "INSTRUMENTED_CORE_SPANS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("INSTRUMENTED_CORE_METRICS_PORT_BASE", "0")
+    sink = OtlpGrpcSink()
+    try:
+        bare = sink.endpoint.removeprefix("http://")  # 127.0.0.1:port, as vLLM users type it
+        loader, module = fake_vllm("0.32.0", SHAPE["0.32"])
+        fresh_instrumentor.instrument(import_module=loader)
+        engine = module.DPEngineCoreProc(rank=0)
+        if how.startswith("--otlp"):
+            engine.vllm_config.observability_config = types.SimpleNamespace(
+                otlp_traces_endpoint=bare)
+        else:
+            monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", sink.endpoint)
+        obs = fresh_instrumentor._start_engine(engine)
+        assert obs is not None and status_of(engine) is None, "telemetry did not start"
+        probe = obs.probe
+        probe.pause_requested("keep")
+        probe.phase_changed(Phase.RUNNING, Phase.PENDING_PAUSE)
+        probe.phase_changed(Phase.PENDING_PAUSE, Phase.PAUSED)
+        probe.phase_changed(Phase.PAUSED, Phase.RUNNING)
+        obs.close()  # flushes
+        names = sorted(s.name for s in sink.spans)
+        assert names == sorted([n.SPAN_PAUSE, n.SPAN_PENDING, n.SPAN_PAUSED]), names
+        assert {s.resource[n.ATTR_RANK] for s in sink.spans} == {0}
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize("env, protocol, endpoint", [
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317"}, "grpc", "http://c:4317"),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces",
+      "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}, "http/protobuf",
+     "http://c:4318/v1/traces"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, "http/protobuf",
+     "http://c:4318/v1/traces"),  # vLLM ignores this one: the OpenTelemetry default stays
+], ids=["vllm-default-grpc", "explicit-http", "generic-endpoint-http"])
+def test_under_vllm_the_traces_endpoint_speaks_vllms_protocol(env, protocol, endpoint):
+    cfg = TelemetryConfig.from_env(env, vllm=True)
+    assert (cfg.otlp_protocol, cfg.otlp_endpoint, cfg.span_exporter) == (
+        protocol, endpoint, "otlp")
+    outside = TelemetryConfig.from_env(env)  # the CPU cluster: the OpenTelemetry default
+    assert outside.otlp_protocol == env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                                            "http/protobuf")
+
+
+# ----------------------------------------------------------------------------------------------
+# the spans file: bounded, rotated, and its absolute path said once
+# ----------------------------------------------------------------------------------------------
+
+
+def test_the_spans_file_is_rotated_by_size_keeps_three_and_says_where_it_is(
+        tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from instrumented_core.telemetry.config import SPANS_FILE_KEEP
+    from instrumented_core.telemetry.tracing import make_exporter
+
+    monkeypatch.chdir(tmp_path)
+    max_bytes = 4096
+    config = TelemetryConfig.from_env({"INSTRUMENTED_CORE_SPANS_FILE_MAX_BYTES": str(max_bytes)})
+    assert config.spans_file == "spans.jsonl"  # the default, relative
+    tracers = []
+    with caplog.at_level(logging.INFO, logger="instrumented_core.telemetry.tracing"):
+        for _ in range(2):  # two ranks of one process share the file
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(make_exporter(config)))
+            tracers.append(provider.get_tracer("t"))
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("spans go to")]
+    assert line == (f"spans go to {tmp_path / 'spans.jsonl'} (rotated at "
+                    f"{max_bytes / 2**20:g} MiB, {SPANS_FILE_KEEP} older files kept)")
+    for i in range(400):  # ~100 KB of spans: 25 times the bound
+        tracers[i % 2].start_span(f"span-{i}").end()
+    files = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
+    assert files == ["spans.jsonl", "spans.jsonl.1", "spans.jsonl.2", "spans.jsonl.3"]
+    names = []
+    for name in [*reversed(files[1:]), files[0]]:  # oldest first
+        path = tmp_path / name
+        assert path.stat().st_size <= max_bytes, (name, path.stat().st_size)
+        names += [json.loads(line)["name"] for line in path.read_text().splitlines()]
+    # what is kept is the newest spans, whole lines, in order, none twice
+    assert names == [f"span-{i}" for i in range(400 - len(names), 400)]
+    # a rotated file was full: rotation happens at the bound, not earlier
+    assert all((tmp_path / name).stat().st_size > max_bytes // 2 for name in files[1:])
+
+
+def test_a_bad_spans_file_bound_is_one_line_naming_the_setting():
+    from instrumented_core.telemetry import TelemetryConfigError
+
+    with pytest.raises(TelemetryConfigError, match="INSTRUMENTED_CORE_SPANS_FILE_MAX_BYTES="):
+        TelemetryConfig.from_env({"INSTRUMENTED_CORE_SPANS_FILE_MAX_BYTES": "64MB"})

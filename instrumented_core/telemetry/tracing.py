@@ -25,27 +25,49 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from instrumented_core.telemetry import names as n
-from instrumented_core.telemetry.config import TelemetryConfig
+from instrumented_core.telemetry.config import (
+    DEFAULT_SPANS_FILE_MAX_BYTES,
+    SPANS_FILE_KEEP,
+    TelemetryConfig,
+)
 
 log = logging.getLogger(__name__)
+
+_announced: set[str] = set()  # spans files whose path this process has logged
 
 #: Seconds a rank's shutdown may spend exporting its last spans (exporter shutdown included).
 SHUTDOWN_TIMEOUT = 3.0
 
 
 class JsonLinesSpanExporter(SpanExporter):
-    """Appends one compact JSON object per span; the run report reads this file."""
+    """Appends one compact JSON object per span; the run report reads this file.
 
-    def __init__(self, path: str | Path) -> None:
-        self._path = Path(path)
+    Bounded: once the file reaches ``max_bytes`` it becomes ``<name>.1`` (the older ones
+    shift to ``.2`` ... ``.<keep>``, the oldest is deleted), so a long-running deployment keeps
+    at most ``(keep + 1) * max_bytes`` of spans (``max_bytes=0``: unbounded). Ranks share the
+    file: each batch is one ``O_APPEND`` write, and a rotation happens under a lock file, the
+    size checked again inside it, so two ranks never rotate the same file twice."""
+
+    def __init__(self, path: str | Path, max_bytes: int = DEFAULT_SPANS_FILE_MAX_BYTES,
+                 keep: int = SPANS_FILE_KEEP) -> None:
+        self._path = Path(path).absolute()
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._max_bytes = max_bytes
+        self._keep = keep
         self._lock = threading.Lock()
+        self._rotate_error_logged = False
+
+    @property
+    def path(self) -> Path:
+        return self._path
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         lines = "".join(json.dumps(json.loads(s.to_json()), separators=(",", ":")) + "\n"
                         for s in spans)
         data = lines.encode()
         with self._lock:
+            if self._max_bytes:
+                self._rotate_if_full(len(data))
             # One O_APPEND write per batch: ranks share the file without interleaving lines.
             fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
@@ -53,6 +75,40 @@ class JsonLinesSpanExporter(SpanExporter):
             finally:
                 os.close(fd)
         return SpanExportResult.SUCCESS
+
+    def _size(self) -> int:
+        try:
+            return self._path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _rotate_if_full(self, adding: int) -> None:
+        size = self._size()
+        if size == 0 or size + adding <= self._max_bytes:
+            return
+        import fcntl
+
+        try:
+            with open(self._path.with_name(self._path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    size = self._size()  # another rank may have rotated meanwhile
+                    if size == 0 or size + adding <= self._max_bytes:
+                        return
+                    for i in range(self._keep, 0, -1):
+                        older = self._path.with_name(f"{self._path.name}.{i}")
+                        newer = (self._path if i == 1
+                                 else self._path.with_name(f"{self._path.name}.{i - 1}"))
+                        if newer.exists():
+                            os.replace(newer, older)
+                    if self._keep == 0:
+                        self._path.unlink(missing_ok=True)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        except OSError as e:  # keep appending: a full disk shows in the write that follows
+            if not self._rotate_error_logged:
+                self._rotate_error_logged = True
+                log.error("cannot rotate the spans file %s (logged once): %s", self._path, e)
 
     def shutdown(self) -> None:
         pass
@@ -177,7 +233,14 @@ def make_exporter(config: TelemetryConfig) -> SpanExporter | None:
     if config.span_exporter == "none":
         return None
     if config.span_exporter == "file":
-        return JsonLinesSpanExporter(config.spans_file)
+        exporter = JsonLinesSpanExporter(config.spans_file, config.spans_file_max_bytes)
+        if str(exporter.path) not in _announced:
+            _announced.add(str(exporter.path))
+            bound = (f"rotated at {config.spans_file_max_bytes / 2**20:g} MiB, "
+                     f"{SPANS_FILE_KEEP} older files kept" if config.spans_file_max_bytes
+                     else "unbounded")
+            log.info("spans go to %s (%s)", exporter.path, bound)
+        return exporter
     if config.span_exporter == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
@@ -192,7 +255,9 @@ def make_exporter(config: TelemetryConfig) -> SpanExporter | None:
             OTLPSpanExporter as GrpcExporter,
         )
 
-        return GrpcExporter(endpoint=config.otlp_endpoint, timeout=2)
+        # insecure unless https://, as vLLM's own gRPC exporter (a bare host:port included)
+        secure = (config.otlp_endpoint or "").startswith("https://")
+        return GrpcExporter(endpoint=config.otlp_endpoint, insecure=not secure, timeout=2)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
         OTLPSpanExporter as HttpExporter,
     )

@@ -56,12 +56,8 @@ def _config_for(engine: Any, config: Any = None) -> Any:
         if served:
             overrides["model_name"] = str(served)
     otlp = getattr(getattr(vcfg, "observability_config", None), "otlp_traces_endpoint", None)
-    if otlp and not (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                     or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
-        overrides["otlp_endpoint"] = otlp
-        if not os.environ.get("OTEL_TRACES_EXPORTER"):
-            overrides["span_exporter"] = "otlp"
-    return TelemetryConfig.from_env(**overrides)
+    # vLLM's endpoint, and its protocol rule (gRPC unless OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)
+    return TelemetryConfig.from_env(vllm=True, vllm_traces_endpoint=otlp or None, **overrides)
 
 
 def start_engine_telemetry(engine: Any, info: dict[str, str],
