@@ -348,3 +348,18 @@ def test_a_bad_spans_file_bound_is_one_line_naming_the_setting():
 
     with pytest.raises(TelemetryConfigError, match="INSTRUMENTED_CORE_SPANS_FILE_MAX_BYTES="):
         TelemetryConfig.from_env({"INSTRUMENTED_CORE_SPANS_FILE_MAX_BYTES": "64MB"})
+
+
+def test_vllms_bare_grpc_endpoint_in_the_environment_does_not_turn_the_plugin_off(
+        monkeypatch):
+    """``vllm serve --otlp-traces-endpoint localhost:4317`` puts that bare host:port in
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` of every engine core; the plugin's load-time check
+    reads it as vLLM does (gRPC), not as a malformed http URL."""
+    from instrumented_core.vllm_support import plugin
+
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL",
+                 "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "localhost:4317")
+    config = plugin.config_from_env()
+    assert (config.otlp_protocol, config.otlp_endpoint) == ("grpc", "localhost:4317")
