@@ -363,3 +363,32 @@ def test_vllms_bare_grpc_endpoint_in_the_environment_does_not_turn_the_plugin_of
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "localhost:4317")
     config = plugin.config_from_env()
     assert (config.otlp_protocol, config.otlp_endpoint) == ("grpc", "localhost:4317")
+
+
+def test_a_collector_that_raises_gives_a_500_naming_it_not_a_dropped_connection(caplog):
+    import logging
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.registry import Collector
+
+    from instrumented_core.telemetry.server import MetricsServer
+
+    class Broken(Collector):
+        def collect(self):
+            raise OSError("worker board unreadable")
+
+    registry = CollectorRegistry()
+    registry.register(Broken())
+    server = MetricsServer(registry, "127.0.0.1", 0, rank=3)
+    try:
+        with caplog.at_level(logging.ERROR, logger="instrumented_core"):
+            for _ in range(2):
+                with pytest.raises(urllib.error.HTTPError) as info:
+                    urllib.request.urlopen(server.url, timeout=5)
+                assert info.value.code == 500
+                assert info.value.read().decode() == (
+                    "scrape failed in rank 3's telemetry: OSError: worker board unreadable\n")
+        assert len([r for r in caplog.records if "/metrics failed" in r.getMessage()]) == 1
+    finally:
+        server.close()
