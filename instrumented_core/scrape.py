@@ -42,6 +42,7 @@ DIAGNOSIS_SERIES = frozenset({
     n.WORKER_CALL_INSIDE, n.WORKER_MODEL_COLLECTIVE_INSIDE, n.WORKER_HEARTBEAT_AGE,
     n.WORKER_MODEL_COLLECTIVES_TOTAL, n.WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL,
     n.WORKER_POSITION_INFO, n.PAUSE_PENDING_SINCE, n.SYNC_ROUNDS_TOTAL, n.INFO_SERIES,
+    n.PLUGIN_ACTIVE,
 })
 #: What every rank of ours exports; an answer without one of them is not a vLLM DP endpoint
 #: with our plugin (or was cut short).
@@ -130,6 +131,12 @@ def endpoint_problem(sample: RankSample) -> str:
     """Why an answering target is not a vLLM DP endpoint of ours ("" when it is one)."""
     if sample.problem:
         return sample.problem
+    off = [dict(labels).get(n.LABEL_REASON, "unknown")
+           for (series, labels), value in sample.values.items()
+           if series == n.PLUGIN_ACTIVE and value == 0]
+    if off:  # a status-only endpoint: the plugin could not observe this rank, and says why
+        return (f"the instrumented_core plugin does not observe this rank "
+                f"(vllm_dp_plugin_active 0, reason {off[0]}); see that rank's log")
     names = {series for series, _ in sample.values}
     missing = sorted(REQUIRED_SERIES - names)
     if len(missing) == len(REQUIRED_SERIES):

@@ -3,7 +3,8 @@
 One instrumented engine serves the whole module (started once; ~35 s, ~5.6 GiB). Before it,
 the same prompts run on an engine with the instrumentation off, for the token-identity test
 (never two engines at once). Everything is read the way an operator would: ``/metrics`` of
-each engine core over HTTP, spans from a real OTLP/HTTP receiver.
+each engine core over HTTP, spans from a real OTLP/gRPC receiver
+(the protocol vLLM itself exports with by default).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import pytest
 
 from instrumented_core.telemetry import names as n
-from instrumented_core_testing.otlp_sink import OtlpSink
+from instrumented_core_testing.otlp_sink import OtlpGrpcSink
 from tests.vllm_helpers import (
     PROMPTS,
     VllmEngine,
@@ -45,7 +46,7 @@ def baseline_tokens():
 
 @pytest.fixture(scope="module")
 def sink():
-    s = OtlpSink()
+    s = OtlpGrpcSink()
     try:
         yield s
     finally:
@@ -57,9 +58,10 @@ def engine(baseline_tokens, sink):
     env = {
         "INSTRUMENTED_CORE_TELEMETRY": "1",
         "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink.endpoint + "/v1/traces",
-        # vLLM's own tracer reads the same endpoint variable and defaults to gRPC
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        # vLLM's own tracer reads this variable (its front end sets it from
+        # --otlp-traces-endpoint) and speaks gRPC unless OTEL_EXPORTER_OTLP_TRACES_PROTOCOL
+        # says otherwise: our spans must reach the same gRPC collector, with nothing else set
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink.endpoint,
         "OTEL_SERVICE_NAME": "vllm-dp-test",
     }
     eng = VllmEngine(env, cpu_timeout=30)

@@ -26,12 +26,16 @@ ENV_DEBUG = "INSTRUMENTED_CORE_DEBUG_ENDPOINT"
 #: The second opt-in /debug/stacks needs when the endpoint binds other than loopback.
 ENV_DEBUG_REMOTE = "INSTRUMENTED_CORE_DEBUG_ENDPOINT_REMOTE"
 ENV_SPANS_FILE = "INSTRUMENTED_CORE_SPANS_FILE"
+ENV_SPANS_FILE_MAX_BYTES = "INSTRUMENTED_CORE_SPANS_FILE_MAX_BYTES"
 ENV_MODEL_NAME = "INSTRUMENTED_CORE_MODEL_NAME"
 
 DEFAULT_PORT_BASE = 8100
 DEFAULT_HOST = "127.0.0.1"
 SPAN_EXPORTERS = ("otlp", "file", "console", "none")
 OTLP_PROTOCOLS = ("http/protobuf", "grpc")
+#: The spans file is rotated at this size (``<name>.1`` ...), this many older files kept.
+DEFAULT_SPANS_FILE_MAX_BYTES = 64 * 2**20
+SPANS_FILE_KEEP = 3
 
 
 class TelemetryConfigError(ValueError):
@@ -90,12 +94,17 @@ def is_loopback_host(host: str) -> bool:
         return host.lower() == "localhost"
 
 
-def check_endpoint(url: str, name: str) -> str:
-    parsed = urlparse(url)
+def check_endpoint(url: str, name: str, protocol: str = "http/protobuf") -> str:
+    """An OTLP endpoint URL; for gRPC also a bare ``host:port`` (as vLLM's
+    ``--otlp-traces-endpoint`` takes it: sent without TLS)."""
+    bare = protocol == "grpc" and "://" not in url
+    parsed = urlparse("http://" + url if bare else url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        example = ("http://127.0.0.1:4317 or 127.0.0.1:4317" if protocol == "grpc"
+                   else "http://127.0.0.1:4318")
         raise TelemetryConfigError(
             f"{name}={url!r} is not a valid OTLP endpoint: use http(s)://host:port, e.g. "
-            "http://127.0.0.1:4318")
+            f"{example}")
     try:
         _ = parsed.port  # urlparse checks the port only when it is read
     except ValueError:
@@ -115,14 +124,24 @@ class TelemetryConfig:
     model_name: str = "instrumented-core-demo"
     service_name: str = "vllm-dp-engine"
     span_exporter: str = "file"
-    spans_file: str = "spans.jsonl"
+    spans_file: str = "spans.jsonl"  # relative: to the working directory at start
+    spans_file_max_bytes: int = DEFAULT_SPANS_FILE_MAX_BYTES  # 0: never rotated
     otlp_endpoint: str | None = None  # full URL for traces
     otlp_protocol: str = "http/protobuf"
     extra_resource: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> TelemetryConfig:
-        """Read our variables and the standard OTEL_* ones; flags passed in ``overrides`` win."""
+    def from_env(cls, env: Mapping[str, str] | None = None, vllm: bool = False,
+                 vllm_traces_endpoint: str | None = None, **overrides) -> TelemetryConfig:
+        """Read our variables and the standard OTEL_* ones; flags passed in ``overrides`` win.
+
+        ``vllm``: inside a vLLM deployment, whose own tracer reads
+        ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (its front end sets it from
+        ``--otlp-traces-endpoint``, ``vllm_traces_endpoint`` here) and speaks the protocol
+        ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` names, gRPC when unset (vllm/tracing/otel.py,
+        0.32). Spans sent to that endpoint follow the same rule, so they reach the collector
+        vLLM's own spans reach; ``OTEL_EXPORTER_OTLP_ENDPOINT`` (which vLLM ignores) keeps the
+        OpenTelemetry default, http/protobuf."""
         env = os.environ if env is None else env
         kw: dict = {}
         kw["enabled"] = _flag(env, ENV_ENABLED, True)
@@ -134,25 +153,43 @@ class TelemetryConfig:
         kw["debug_remote"] = _flag(env, ENV_DEBUG_REMOTE, False)
         if env.get(ENV_SPANS_FILE):
             kw["spans_file"] = env[ENV_SPANS_FILE]
+        if env.get(ENV_SPANS_FILE_MAX_BYTES):
+            raw = env[ENV_SPANS_FILE_MAX_BYTES]
+            try:
+                kw["spans_file_max_bytes"] = int(raw)
+            except ValueError:
+                raise TelemetryConfigError(
+                    f"{ENV_SPANS_FILE_MAX_BYTES}={raw!r} is not a size: use a number of bytes "
+                    "(0 never rotates)") from None
         if env.get(ENV_MODEL_NAME):
             kw["model_name"] = env[ENV_MODEL_NAME]
         if env.get("OTEL_SERVICE_NAME"):
             kw["service_name"] = env["OTEL_SERVICE_NAME"]
-        protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
-            "OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
-        if protocol not in OTLP_PROTOCOLS:
-            raise TelemetryConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not "
-                                       f"supported: use {' or '.join(OTLP_PROTOCOLS)}")
-        kw["otlp_protocol"] = protocol
+        traces_protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        generic_protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        for name, value in (("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", traces_protocol),
+                            ("OTEL_EXPORTER_OTLP_PROTOCOL", generic_protocol)):
+            if value and value not in OTLP_PROTOCOLS:
+                raise TelemetryConfigError(f"{name}={value!r} is not supported: use "
+                                           f"{' or '.join(OTLP_PROTOCOLS)}")
+        protocol = traces_protocol or generic_protocol or "http/protobuf"
         traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         base_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        if traces_endpoint:
+        if vllm and (traces_endpoint or (vllm_traces_endpoint and not base_endpoint)):
+            protocol = traces_protocol or "grpc"  # vLLM's rule for its endpoint
+            traces_endpoint = traces_endpoint or vllm_traces_endpoint or ""
+            name = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+                    if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                    else "vLLM's --otlp-traces-endpoint")
+            kw["otlp_endpoint"] = check_endpoint(traces_endpoint, name, protocol)
+        elif traces_endpoint:
             kw["otlp_endpoint"] = check_endpoint(traces_endpoint,
-                                                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                                                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", protocol)
         elif base_endpoint:
-            check_endpoint(base_endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT")
+            check_endpoint(base_endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", protocol)
             kw["otlp_endpoint"] = (base_endpoint.rstrip("/") + "/v1/traces"
                                    if protocol == "http/protobuf" else base_endpoint)
+        kw["otlp_protocol"] = protocol
         exporter = (env.get("OTEL_TRACES_EXPORTER") or "").strip().lower()
         if not exporter:
             exporter = "otlp" if kw.get("otlp_endpoint") else "file"
@@ -170,14 +207,20 @@ class TelemetryConfig:
 
     def validate(self) -> None:
         check_host(self.metrics_host, "metrics host")
+        if self.spans_file_max_bytes < 0:
+            raise TelemetryConfigError(f"{ENV_SPANS_FILE_MAX_BYTES}={self.spans_file_max_bytes} "
+                                       "is negative: use a number of bytes (0 never rotates)")
         if not 0 <= self.metrics_port_base <= 65535:
             raise TelemetryConfigError(f"metrics port base {self.metrics_port_base} is out of "
                                        "range: use 0-65535")
         if self.span_exporter not in SPAN_EXPORTERS:
             raise TelemetryConfigError(f"span exporter {self.span_exporter!r} is not supported: "
                                        f"use one of {', '.join(SPAN_EXPORTERS)}")
+        if self.otlp_protocol not in OTLP_PROTOCOLS:
+            raise TelemetryConfigError(f"OTLP protocol {self.otlp_protocol!r} is not supported: "
+                                       f"use {' or '.join(OTLP_PROTOCOLS)}")
         if self.otlp_endpoint:
-            check_endpoint(self.otlp_endpoint, "OTLP endpoint")
+            check_endpoint(self.otlp_endpoint, "OTLP endpoint", self.otlp_protocol)
 
     def port_for(self, rank: int) -> int:
         return 0 if self.metrics_port_base == 0 else self.metrics_port_base + rank

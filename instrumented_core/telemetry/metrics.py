@@ -102,6 +102,11 @@ class RankMetrics:
         dropped = counter(n.TELEMETRY_DROPPED, "Telemetry items (count) dropped instead of "
                           "blocking the engine, by signal.", (n.LABEL_SIGNAL,))
         self.dropped = {s: dropped.labels(**labels, signal=s) for s in n.SIGNALS}
+        self._errors = counter(n.TELEMETRY_ERRORS, "Exceptions (count) inside telemetry itself, "
+                               "logged and swallowed (never raised into the engine), by where: "
+                               "the probe method, or scrape (a gauge read at scrape time).",
+                               (n.LABEL_WHERE,))
+        self._labels = labels
 
         self.sync_wait = Histogram(n.SYNC_WAIT, "Seconds spent inside each sync_dp_state "
                                    "all-reduce.", base, buckets=SYNC_WAIT_BUCKETS,
@@ -119,6 +124,11 @@ class RankMetrics:
         self.hot = HotPathState()
         registry.register(HotPathCollector(self.hot, labels))
         registry.register(WorkerBoardCollector(labels))
+
+    def error(self, where: str) -> None:
+        """Count one telemetry error at ``where`` (one of ``TELEMETRY_ERROR_SITES``); its
+        series appears on the first error, so a working rank exports none of them."""
+        self._errors.labels(**self._labels, where=where).inc()
 
 
 def plugin_active(registry: CollectorRegistry, labels: Mapping[str, str], active: bool,

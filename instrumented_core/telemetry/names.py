@@ -25,6 +25,7 @@ LABEL_WORKER = "worker"  # a rank's worker process, by its rank among the engine
 LABEL_CALL = "call"  # the engine-to-worker call a worker is in (execute_model, ...)
 LABEL_REASON = "reason"  # why the plugin is (in)active; why a request was rejected
 LABEL_VLLM_VERSION = "vllm_version"  # the vLLM version a rank runs (one per deployment)
+LABEL_WHERE = "where"  # the probe method (or "scrape") in which telemetry itself failed
 
 BASE_LABELS = (LABEL_ENGINE, LABEL_MODEL_NAME)
 
@@ -63,6 +64,9 @@ REQUESTS_FINISHED = "vllm_dp_requests_finished"
 REQUESTS_REJECTED = "vllm_dp_requests_rejected"  # by reason (REJECT_REASONS)
 COLLECTIVE_WAIT = "vllm_dp_collective_wait_seconds"
 TELEMETRY_DROPPED = "vllm_dp_telemetry_dropped"
+# Exceptions inside telemetry itself (swallowed, never raised into the engine), by where;
+# a child appears on its first error (no series while telemetry works).
+TELEMETRY_ERRORS = "vllm_dp_telemetry_errors"
 WORKER_CALLS = "vllm_dp_worker_calls"  # engine-to-worker calls completed
 WORKER_CALL_SECONDS = "vllm_dp_worker_call_seconds"  # seconds inside them
 WORKER_MODEL_COLLECTIVES = "vllm_dp_worker_model_collectives"  # entered: the sequence number
@@ -105,6 +109,11 @@ WORKER_CALL_NAMES = ("execute_model", "sample_tokens", "execute_dummy_batch", "r
 MODEL_COLLECTIVE_NAMES = ("all_gatherv", "reduce_scatterv", "all_reduce", "all_gather",
                           "reduce_scatter", "dispatch", "combine", "dp_coordinate")
 SIGNALS = ("spans",)
+#: ``where`` of vllm_dp_telemetry_errors_total: a probe method, or a gauge read at scrape time.
+TELEMETRY_ERROR_SITES = ("attach", "pause_requested", "phase_changed", "sync_begin", "sync_end",
+                         "consensus", "start_dp_wave", "resumed", "request_finished",
+                         "step_end", "collective_begin", "collective_end", "progress",
+                         "shutdown", "scrape")
 #: ``reason`` of vllm_dp_plugin_active: ok / unknown_version (active, 1); the others 0.
 PLUGIN_REASONS = ("ok", "unknown_version", "unknown_version_off", "no_two_phase_pause",
                   "contract_mismatch", "engine_mismatch", "telemetry_error")
@@ -127,6 +136,7 @@ SUFFIXED_COUNTERS = tuple(
         REQUESTS_FINISHED,
         REQUESTS_REJECTED,
         TELEMETRY_DROPPED,
+        TELEMETRY_ERRORS,
         WORKER_CALLS,
         WORKER_MODEL_COLLECTIVES,
     )
@@ -144,6 +154,7 @@ START_DP_WAVE_TOTAL = START_DP_WAVE + "_total"
 REQUESTS_FINISHED_TOTAL = REQUESTS_FINISHED + "_total"
 REQUESTS_REJECTED_TOTAL = REQUESTS_REJECTED + "_total"
 TELEMETRY_DROPPED_TOTAL = TELEMETRY_DROPPED + "_total"
+TELEMETRY_ERRORS_TOTAL = TELEMETRY_ERRORS + "_total"
 COLLECTIVE_WAIT_TOTAL = COLLECTIVE_WAIT + "_total"
 WORKER_CALLS_TOTAL = WORKER_CALLS + "_total"
 WORKER_CALL_SECONDS_TOTAL = WORKER_CALL_SECONDS + "_total"

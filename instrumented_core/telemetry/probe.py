@@ -4,7 +4,13 @@ Both engines call the probe interface (:mod:`instrumented_core.probe`: ``Probe``
 no-op ``NULL_PROBE``, beneath the protocol) the same way: the CPU reference cluster's rank loop
 and the vLLM instrumentor wrapping ``DPEngineCoreProc``. ``TelemetryProbe`` turns the calls
 into Prometheus samples and OpenTelemetry spans. Every method of ``TelemetryProbe`` is guarded: an exception inside telemetry is logged
-once and swallowed, never raised into the busy loop.
+and swallowed, never raised into the busy loop: it is counted in
+``vllm_dp_telemetry_errors_total{where=<method>}`` (a gauge read at scrape time that raises:
+``where="scrape"``, and the gauge reads NaN) and logged with its traceback the first time per
+place. The probe recovers: every later call runs again (one bad call silences nothing), and an
+error inside a pause's span bookkeeping ends that pause's spans, marked
+``vllm.dp.pause.ended_by=telemetry_error``, so the next pause starts a clean trace. The
+per-step calls guard with an inline ``try`` (free in CPython 3.11 when nothing raises).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from instrumented_core.probe import NULL_PROBE, Probe  # noqa: F401 - re-exported
@@ -43,18 +50,23 @@ def _request_counts(state: Any) -> tuple[float, float]:
 
 
 def _guarded(method):
+    """Run a probe method; an exception is counted, logged (once per method) and swallowed."""
+    where = method.__name__
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except Exception:
-            if not self._error_logged:
-                self._error_logged = True
-                log.exception("telemetry probe error in %s (logged once, ignored)",
-                              method.__name__)
+        except Exception:  # noqa: BLE001 - counted and logged by _telemetry_error
+            self._telemetry_error(where)
             return None
 
     return wrapper
+
+
+#: Methods that keep a pause's spans: an error in one ends that pause's spans so the next
+#: pause starts clean (its metrics are unaffected).
+_SPAN_SITES = frozenset({"pause_requested", "phase_changed", "start_dp_wave", "resumed"})
 
 
 class TelemetryProbe(Probe):
@@ -79,7 +91,7 @@ class TelemetryProbe(Probe):
         self.group_key = group_key
         self.protocol = protocol
         self.model_name = model_name
-        self._error_logged = False
+        self._errors_logged: set[str] = set()
         self._tracer = (tracer_provider.get_tracer(n.TRACER_NAME)
                         if tracer_provider is not None else None)
         self._provider = tracer_provider
@@ -105,16 +117,59 @@ class TelemetryProbe(Probe):
         if m is None:
             return
         m.dp_size.set(self.dp_size)
-        m.engines_running.set_function(lambda: float(bool(state.engines_running)))
-        m.ignore_start_dp_wave.set_function(lambda: float(bool(state.ignore_start_dp_wave)))
-        m.current_wave.set_function(lambda: float(state.current_wave))
-        m.step_counter.set_function(lambda: float(state.step_counter))
-        m.sync_interval.set_function(
-            lambda: 1.0 if getattr(state, "fast_sync", False) else float(state.sync_interval))
-        m.steps_until_sync.set_function(lambda: float(steps_until_sync(
+        safe = self._scraped
+        m.engines_running.set_function(safe(lambda: bool(state.engines_running)))
+        m.ignore_start_dp_wave.set_function(safe(lambda: bool(state.ignore_start_dp_wave)))
+        m.current_wave.set_function(safe(lambda: state.current_wave))
+        m.step_counter.set_function(safe(lambda: state.step_counter))
+        m.sync_interval.set_function(safe(
+            lambda: 1.0 if getattr(state, "fast_sync", False) else state.sync_interval))
+        m.steps_until_sync.set_function(safe(lambda: steps_until_sync(
             state.step_counter, state.sync_interval, getattr(state, "fast_sync", False))))
         m.requests_running.set_function(lambda: _request_counts(state)[0])
         m.requests_waiting.set_function(lambda: _request_counts(state)[1])
+
+    def _scraped(self, read: Callable[[], Any]) -> Callable[[], float]:
+        """A gauge function that never fails a scrape: an engine attribute that raises (or is
+        not a number) reads NaN and counts a ``scrape`` error; the other series still show."""
+        def value() -> float:
+            try:
+                return float(read())
+            except Exception:  # noqa: BLE001 - counted and logged by _telemetry_error
+                self._telemetry_error("scrape")
+                return float("nan")
+
+        return value
+
+    def _telemetry_error(self, where: str) -> None:
+        """Called from an ``except`` block: count, log once per place, recover span state."""
+        try:
+            if self.metrics is not None:
+                self.metrics.error(where)
+        except Exception:  # noqa: BLE001 - the count is best effort
+            pass
+        if where not in self._errors_logged:
+            self._errors_logged.add(where)
+            log.exception("telemetry error in %s on DP rank %s (ignored; counted in %s"
+                          "{where=%r}; logged once per place, the probe keeps running)",
+                          where, self.rank, n.TELEMETRY_ERRORS_TOTAL, where)
+        if where in _SPAN_SITES:
+            self._abandon_spans()
+
+    def _abandon_spans(self) -> None:
+        """End the current pause's spans after an error inside them (marked), so the next
+        pause does not inherit a half-updated span."""
+        spans, self._phase_span, self._pause_span = (
+            (self._phase_span, self._pause_span), None, None)
+        self._sync_rounds_to_record.clear()
+        for span in spans:
+            if span is None:
+                continue
+            try:
+                span.set_attribute(n.ATTR_ENDED_BY, "telemetry_error")
+                span.end()
+            except Exception:  # noqa: BLE001 - a span that cannot end is dropped
+                pass
 
     def _span_attrs(self) -> dict:
         return {n.ATTR_RANK: self.rank, n.ATTR_DP_SIZE: self.dp_size,
@@ -262,25 +317,35 @@ class TelemetryProbe(Probe):
         if self._pause_span is not None:
             self._pause_span.add_event(n.EVENT_RESUME, {n.ATTR_WAVE: self._wave()})
 
-    # The three per-step calls touch only plain attributes (see metrics.HotPathState): they
-    # cannot raise, so they skip the guard too.
+    # The per-step calls touch only plain attributes; an inline ``try`` guards them at no
+    # cost while nothing raises (a decorator would add a call per step).
 
     def step_end(self, dummy: bool) -> None:
-        hot = self.hot
-        if dummy:
-            hot.steps_dummy += 1
-        else:
-            hot.steps_real += 1
-        hot.last_progress = time.time()
-        self.steps_total += 1
+        try:
+            hot = self.hot
+            if dummy:
+                hot.steps_dummy += 1
+            else:
+                hot.steps_real += 1
+            hot.last_progress = time.time()
+            self.steps_total += 1
+        except Exception:  # noqa: BLE001 - counted and logged by _telemetry_error
+            self._telemetry_error("step_end")
 
     def collective_begin(self, collective: str) -> None:
-        self.hot.inside_since[collective] = time.time()
+        try:
+            self.hot.inside_since[collective] = time.time()
+        except Exception:  # noqa: BLE001 - counted and logged by _telemetry_error
+            self._telemetry_error("collective_begin")
 
     def collective_end(self, collective: str, seconds: float) -> None:
-        hot = self.hot
-        hot.inside_since[collective] = 0.0
-        hot.wait_seconds[collective] = hot.wait_seconds.get(collective, 0.0) + seconds
+        try:
+            hot = self.hot
+            total = hot.wait_seconds.get(collective, 0.0) + float(seconds)
+            hot.inside_since[collective] = 0.0
+            hot.wait_seconds[collective] = total
+        except Exception:  # noqa: BLE001 - counted and logged by _telemetry_error
+            self._telemetry_error("collective_end")
 
     @_guarded
     def request_finished(self, outcome: str) -> None:
@@ -288,7 +353,10 @@ class TelemetryProbe(Probe):
             self.metrics.requests_finished[outcome].inc()
 
     def progress(self) -> None:
-        self.hot.last_progress = time.time()
+        try:
+            self.hot.last_progress = time.time()
+        except Exception:  # noqa: BLE001 - counted and logged by _telemetry_error
+            self._telemetry_error("progress")
 
     def dropped(self, count: int, signal: str = "spans") -> None:
         try:

@@ -48,12 +48,21 @@ def start_rank_telemetry(
         return RankTelemetry(NULL_PROBE, None, None)
     registry = CollectorRegistry()
     metrics = RankMetrics(registry, rank, config.model_name, info)
-    server = MetricsServer(registry, config.metrics_host, config.port_for(rank), rank,
-                           config.debug_endpoint)
+    metrics.dp_size.set(dp_size)  # never served as 0 (the doctor's "defaults" sign)
+    # All or nothing: what can fail (the exporter, the tracer, the probe) starts before the
+    # endpoint, and the endpoint is the last step, so a failure never leaves a port serving
+    # a registry nobody updates (phase 0 for ever, which reads as a healthy idle rank).
     holder: list[TelemetryProbe] = []
     provider = make_tracer_provider(config, rank, dp_size,
                                     on_drop=lambda count: holder[0].dropped(count))
-    probe = TelemetryProbe(rank, dp_size, metrics, provider, group_key=group_key,
-                           protocol=protocol, model_name=config.model_name)
-    holder.append(probe)
+    try:
+        probe = TelemetryProbe(rank, dp_size, metrics, provider, group_key=group_key,
+                               protocol=protocol, model_name=config.model_name)
+        holder.append(probe)
+        server = MetricsServer(registry, config.metrics_host, config.port_for(rank), rank,
+                               config.debug_endpoint)
+    except BaseException:
+        if provider is not None:
+            provider.shutdown()
+        raise
     return RankTelemetry(probe, server, registry)

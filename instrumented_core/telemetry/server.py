@@ -60,7 +60,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+            try:
+                exposition = generate_latest(self.server.registry)
+            except Exception as e:  # noqa: BLE001 - one broken collector: say so, not a reset
+                self.server.scrape_failed(e)
+                self._send(500, f"scrape failed in rank {self.server.rank}'s telemetry: "
+                                f"{type(e).__name__}: {e}\n".encode(), "text/plain")
+                return
+            self._send(200, exposition, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             self._send(200, b"ok\n", "text/plain")
         elif path == "/debug/stacks" and self.server.debug_refused:
@@ -97,7 +104,16 @@ class _Server(ThreadingHTTPServer):
         self._open: dict[socket.socket, float] = {}
         self._open_lock = threading.Lock()
         self.busy_refused = 0
+        self.scrapes_failed = 0
         super().__init__(address, handler)
+
+    def scrape_failed(self, error: Exception) -> None:
+        """Log the first failed scrape with its traceback; the next ones only count."""
+        self.scrapes_failed += 1
+        if self.scrapes_failed == 1:
+            log.error("instrumented_core: rank %s: /metrics failed (answered 500; logged "
+                      "once): %s: %s", self.rank, type(error).__name__, error,
+                      exc_info=error)
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):  # answered here, no thread started

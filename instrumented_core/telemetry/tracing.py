@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,24 +25,49 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from instrumented_core.telemetry import names as n
-from instrumented_core.telemetry.config import TelemetryConfig
+from instrumented_core.telemetry.config import (
+    DEFAULT_SPANS_FILE_MAX_BYTES,
+    SPANS_FILE_KEEP,
+    TelemetryConfig,
+)
 
 log = logging.getLogger(__name__)
 
+_announced: set[str] = set()  # spans files whose path this process has logged
+
+#: Seconds a rank's shutdown may spend exporting its last spans (exporter shutdown included).
+SHUTDOWN_TIMEOUT = 3.0
+
 
 class JsonLinesSpanExporter(SpanExporter):
-    """Appends one compact JSON object per span; the run report reads this file."""
+    """Appends one compact JSON object per span; the run report reads this file.
 
-    def __init__(self, path: str | Path) -> None:
-        self._path = Path(path)
+    Bounded: once the file reaches ``max_bytes`` it becomes ``<name>.1`` (the older ones
+    shift to ``.2`` ... ``.<keep>``, the oldest is deleted), so a long-running deployment keeps
+    at most ``(keep + 1) * max_bytes`` of spans (``max_bytes=0``: unbounded). Ranks share the
+    file: each batch is one ``O_APPEND`` write, and a rotation happens under a lock file, the
+    size checked again inside it, so two ranks never rotate the same file twice."""
+
+    def __init__(self, path: str | Path, max_bytes: int = DEFAULT_SPANS_FILE_MAX_BYTES,
+                 keep: int = SPANS_FILE_KEEP) -> None:
+        self._path = Path(path).absolute()
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._max_bytes = max_bytes
+        self._keep = keep
         self._lock = threading.Lock()
+        self._rotate_error_logged = False
+
+    @property
+    def path(self) -> Path:
+        return self._path
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         lines = "".join(json.dumps(json.loads(s.to_json()), separators=(",", ":")) + "\n"
                         for s in spans)
         data = lines.encode()
         with self._lock:
+            if self._max_bytes:
+                self._rotate_if_full(len(data))
             # One O_APPEND write per batch: ranks share the file without interleaving lines.
             fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
@@ -49,6 +75,40 @@ class JsonLinesSpanExporter(SpanExporter):
             finally:
                 os.close(fd)
         return SpanExportResult.SUCCESS
+
+    def _size(self) -> int:
+        try:
+            return self._path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _rotate_if_full(self, adding: int) -> None:
+        size = self._size()
+        if size == 0 or size + adding <= self._max_bytes:
+            return
+        import fcntl
+
+        try:
+            with open(self._path.with_name(self._path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    size = self._size()  # another rank may have rotated meanwhile
+                    if size == 0 or size + adding <= self._max_bytes:
+                        return
+                    for i in range(self._keep, 0, -1):
+                        older = self._path.with_name(f"{self._path.name}.{i}")
+                        newer = (self._path if i == 1
+                                 else self._path.with_name(f"{self._path.name}.{i - 1}"))
+                        if newer.exists():
+                            os.replace(newer, older)
+                    if self._keep == 0:
+                        self._path.unlink(missing_ok=True)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        except OSError as e:  # keep appending: a full disk shows in the write that follows
+            if not self._rotate_error_logged:
+                self._rotate_error_logged = True
+                log.error("cannot rotate the spans file %s (logged once): %s", self._path, e)
 
     def shutdown(self) -> None:
         pass
@@ -64,16 +124,21 @@ class BoundedSpanProcessor(SpanProcessor):
         max_queue: int = 2048,
         max_batch: int = 256,
         interval: float = 0.5,
+        shutdown_timeout: float = SHUTDOWN_TIMEOUT,
     ) -> None:
         self._exporter = exporter
         self._on_drop = on_drop
         self._queue: queue.Queue[ReadableSpan] = queue.Queue(max_queue)
         self._max_batch = max_batch
         self._interval = interval
+        self._shutdown_timeout = shutdown_timeout
         self._stop = threading.Event()
         self._flush_requested = threading.Event()
         self._flushed = threading.Event()
         self._error_logged = False
+        self._in_flight = 0  # spans of the batch being exported now
+        self._gave_up = False  # shutdown counted what was left: later failures are not new
+        self._accounting = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
         self._thread.start()
 
@@ -96,13 +161,17 @@ class BoundedSpanProcessor(SpanProcessor):
         return batch
 
     def _export(self, batch: list[ReadableSpan]) -> None:
+        self._in_flight = len(batch)
         try:
             result = self._exporter.export(batch)
             ok = result is SpanExportResult.SUCCESS
             error = None if ok else "exporter returned FAILURE"
         except Exception as e:  # noqa: BLE001 - telemetry never raises into the engine
             ok, error = False, f"{type(e).__name__}: {e}"
-        if not ok:
+        with self._accounting:  # a batch is counted here or by shutdown, never twice
+            self._in_flight = 0
+            counted_by_shutdown = self._gave_up
+        if not ok and not counted_by_shutdown:
             self._on_drop(len(batch))
             if not self._error_logged:
                 self._error_logged = True
@@ -116,7 +185,7 @@ class BoundedSpanProcessor(SpanProcessor):
             if self._flush_requested.is_set():
                 self._flush_requested.clear()
                 self._flushed.set()
-        while batch := self._drain():
+        while not self._gave_up and (batch := self._drain()):
             self._export(batch)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
@@ -125,12 +194,38 @@ class BoundedSpanProcessor(SpanProcessor):
         return self._flushed.wait(timeout_millis / 1000)
 
     def shutdown(self) -> None:
+        """Export what is queued, for at most ``shutdown_timeout`` seconds in all (the
+        exporter's own shutdown included: the OTel gRPC exporter can wait 30 s there, on the
+        engine thread). Spans still unsent then are counted as dropped and logged with their
+        count; the export thread is a daemon and dies with the process."""
+        deadline = time.monotonic() + self._shutdown_timeout
         self._stop.set()
         self._flush_requested.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=self._shutdown_timeout)
+        if self._thread.is_alive():
+            with self._accounting:
+                self._gave_up = True
+                unsent = self._in_flight + len(self._drain_all())
+            if unsent:
+                self._on_drop(unsent)
+                log.warning("span export: %d span(s) unsent at shutdown: the exporter did not "
+                            "finish within %.1f s (collector not answering?); counted in %s",
+                            unsent, self._shutdown_timeout, n.TELEMETRY_DROPPED_TOTAL)
+        closer = threading.Thread(target=self._close_exporter, name="span-export-close",
+                                  daemon=True)
+        closer.start()
+        closer.join(timeout=max(0.1, deadline - time.monotonic()))
+
+    def _drain_all(self) -> list[ReadableSpan]:
+        spans: list[ReadableSpan] = []
+        while batch := self._drain():
+            spans.extend(batch)
+        return spans
+
+    def _close_exporter(self) -> None:
         try:
             self._exporter.shutdown()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - closing a failed exporter is best effort
             pass
 
 
@@ -138,7 +233,14 @@ def make_exporter(config: TelemetryConfig) -> SpanExporter | None:
     if config.span_exporter == "none":
         return None
     if config.span_exporter == "file":
-        return JsonLinesSpanExporter(config.spans_file)
+        exporter = JsonLinesSpanExporter(config.spans_file, config.spans_file_max_bytes)
+        if str(exporter.path) not in _announced:
+            _announced.add(str(exporter.path))
+            bound = (f"rotated at {config.spans_file_max_bytes / 2**20:g} MiB, "
+                     f"{SPANS_FILE_KEEP} older files kept" if config.spans_file_max_bytes
+                     else "unbounded")
+            log.info("spans go to %s (%s)", exporter.path, bound)
+        return exporter
     if config.span_exporter == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
@@ -153,7 +255,9 @@ def make_exporter(config: TelemetryConfig) -> SpanExporter | None:
             OTLPSpanExporter as GrpcExporter,
         )
 
-        return GrpcExporter(endpoint=config.otlp_endpoint, timeout=2)
+        # insecure unless https://, as vLLM's own gRPC exporter (a bare host:port included)
+        secure = (config.otlp_endpoint or "").startswith("https://")
+        return GrpcExporter(endpoint=config.otlp_endpoint, insecure=not secure, timeout=2)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
         OTLPSpanExporter as HttpExporter,
     )

@@ -56,12 +56,8 @@ def _config_for(engine: Any, config: Any = None) -> Any:
         if served:
             overrides["model_name"] = str(served)
     otlp = getattr(getattr(vcfg, "observability_config", None), "otlp_traces_endpoint", None)
-    if otlp and not (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                     or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
-        overrides["otlp_endpoint"] = otlp
-        if not os.environ.get("OTEL_TRACES_EXPORTER"):
-            overrides["span_exporter"] = "otlp"
-    return TelemetryConfig.from_env(**overrides)
+    # vLLM's endpoint, and its protocol rule (gRPC unless OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)
+    return TelemetryConfig.from_env(vllm=True, vllm_traces_endpoint=otlp or None, **overrides)
 
 
 def start_engine_telemetry(engine: Any, info: dict[str, str],
@@ -75,9 +71,13 @@ def start_engine_telemetry(engine: Any, info: dict[str, str],
     group_key = f"vllm-dp/{pc.data_parallel_master_ip}:{pc.data_parallel_master_port}"
     telemetry = start_rank_telemetry(config, int(engine.dp_rank), int(engine.dp_size),
                                      info["protocol"], info, group_key)
-    if telemetry.registry is not None:
-        plugin_active(telemetry.registry, _labels(engine, config), True, reason,
-                      info.get("vllm_version", "unknown"))
+    try:
+        if telemetry.registry is not None:
+            plugin_active(telemetry.registry, _labels(engine, config), True, reason,
+                          info.get("vllm_version", "unknown"))
+    except BaseException:
+        telemetry.close()  # all or nothing: the port goes to the status-only endpoint
+        raise
     if telemetry.server is not None:
         log.info("instrumented_core: DP rank %s telemetry on %s", engine.dp_rank,
                  telemetry.metrics_url)

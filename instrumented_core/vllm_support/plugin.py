@@ -48,7 +48,7 @@ import sys
 
 from instrumented_core.telemetry.config import ENV_ENABLED, TelemetryConfig, TelemetryConfigError
 
-__all__ = ["ENTRY_POINT_NAME", "register", "should_activate"]
+__all__ = ["ENTRY_POINT_NAME", "config_from_env", "register", "should_activate"]
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,18 @@ def should_activate() -> bool:
     return multiprocessing.parent_process() is None
 
 
+def config_from_env() -> TelemetryConfig:
+    """The settings every vLLM process checks at load, by vLLM's rules for its OTLP endpoint:
+    its front end exports ``--otlp-traces-endpoint`` as ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
+    (often a bare ``host:port``, gRPC), which must not turn the plugin off."""
+    return TelemetryConfig.from_env(vllm=True)
+
+
 def register() -> None:
     """``vllm.general_plugins`` entry point. Idempotent; never raises."""
     global _error_logged
     try:
-        config = TelemetryConfig.from_env()
+        config = config_from_env()
         if not config.enabled:
             log.debug("instrumented_core: %s is off; vLLM left uninstrumented", ENV_ENABLED)
             return
