@@ -24,6 +24,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from instrumented_core.telemetry.config import (
     ENV_DEBUG_REMOTE,
@@ -60,7 +61,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+            # OpenMetrics (with the histograms' trace exemplars) only when asked for, as
+            # Prometheus does; any other scraper gets the plain text format.
+            if "application/openmetrics-text" in self.headers.get("Accept", ""):
+                self._send(200, openmetrics.generate_latest(self.server.registry),
+                           openmetrics.CONTENT_TYPE_LATEST)
+            else:
+                self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             self._send(200, b"ok\n", "text/plain")
         elif path == "/debug/stacks" and self.server.debug_refused:
