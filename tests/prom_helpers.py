@@ -226,10 +226,12 @@ def prometheus_config(targets: Sequence[str], interval: str = "1s", job: str = J
 @contextmanager
 def running_prometheus(targets: Sequence[str], tmp: Path, *, interval: str = "1s",
                        job: str = JOB, alertmanager: str | None = None,
-                       wait_up: bool = True, ready_timeout: float = 30.0) -> Iterator[Prometheus]:
+                       wait_up: bool = True, ready_timeout: float = 30.0,
+                       extra_args: Sequence[str] = ()) -> Iterator[Prometheus]:
     """A Prometheus scraping ``targets`` (``host:port`` or ``http://host:port/metrics``) with
     the shipped rules; files in ``tmp`` (config, TSDB, ``prometheus.log``). With ``wait_up``
-    it yields once every target was scraped twice; the process is ended on exit."""
+    it yields once every target was scraped twice; the process is ended on exit.
+    ``extra_args``: more flags, e.g. ``--enable-feature=exemplar-storage``."""
     binary = require_tool("prometheus")
     tmp.mkdir(parents=True, exist_ok=True)
     config = prometheus_config(targets, interval=interval, job=job, alertmanager=alertmanager)
@@ -238,7 +240,7 @@ def running_prometheus(targets: Sequence[str], tmp: Path, *, interval: str = "1s
     server = Prometheus("prometheus", [
         binary, f"--config.file={tmp / 'prometheus.yml'}",
         f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.path={tmp / 'data'}",
-        "--log.level=warn",
+        "--log.level=warn", *extra_args,
     ], f"http://127.0.0.1:{port}", tmp / "prometheus.log", job=job)
     try:
         server.wait_ready("/-/ready", timeout=ready_timeout)

@@ -82,7 +82,6 @@ def test_counters_equal_what_the_protocol_did(scripted_pause):
         assert sample.get(n.PAUSE_CONSENSUS_TOTAL) == 1
         assert sample.get(n.START_DP_WAVE_TOTAL, outcome="ignored") == IGNORED_WAVES
         assert sample.get(n.RESUMES_TOTAL) == 1
-        assert sample.get(n.REQUESTS_FINISHED_TOTAL, outcome="aborted") == 1
         assert sample.get(n.PHASE) == n.PHASE_RUNNING
         assert sample.get(n.IGNORE_START_DP_WAVE) == 0
         assert sample.get(n.DP_SIZE) == 4

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import urllib.request
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from instrumented_core.telemetry import names as n
 from instrumented_core_testing.otlp_sink import OtlpGrpcSink
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.vllm
 
 
 STEP = 60.0  # bound on every single engine call
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +213,19 @@ def test_one_trace_per_pause_with_both_ranks_spans_at_a_real_otlp_receiver(engin
             ranks = {s.attributes[n.ATTR_RANK] for s in children
                      if s.trace_id == trace_id and s.name == name}
             assert ranks == {0, 1}, (trace_id, name, ranks)
+    # Metrics to traces: asked for OpenMetrics (as Prometheus asks), each rank's newest
+    # consensus-latency exemplar names its own dp.pause span of the last pause, as received.
+    last = max(by_ordinal)
+    own = {s.attributes[n.ATTR_RANK]: (s.trace_id, s.span_id) for s in by_ordinal[last]}
+    for rank, url in enumerate(engine.metrics_urls):
+        request = urllib.request.Request(url, headers={"Accept": OPENMETRICS})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            body = resp.read().decode()
+        [family] = [f for f in parse_openmetrics(body) if f.name == n.PAUSE_CONSENSUS_LATENCY]
+        newest = max((s.exemplar for s in family.samples if s.exemplar is not None),
+                     key=lambda e: e.timestamp)
+        assert (newest.labels[n.EXEMPLAR_TRACE_ID], newest.labels[n.EXEMPLAR_SPAN_ID]) == \
+            own[rank], (rank, newest)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,29 +5,79 @@ ranks are separate processes with separate lifetimes, a hung rank must not take 
 endpoint down, and per-rank targets let Prometheus' ``up`` name a dead rank. Label children
 are bound once here, so the hot path is one ``inc()``/``set()`` on a pre-bound child.
 
-Derived values, as PromQL:
+A rank exposes at most 60 series of its own (issue 13; ``python -m benchmarks --only scale``
+measures it on a live rank): no ``_created`` series (``RankRegistry``), histogram buckets
+chosen from measured latencies, and nothing PromQL can derive from another series:
   seconds in the sync all-reduce now: vllm_dp_collective_inside_seconds{collective="sync_dp_state"}
+  when it entered: timestamp(vllm_dp_collective_inside_seconds) - vllm_dp_collective_inside_seconds
   round skew: max by (model_name) (vllm_dp_sync_rounds_total) - min by (model_name) (...)
   dummy share: rate(vllm_dp_steps_total{kind="dummy"}[1m]) / sum without(kind) (rate(...))
+  mean steps to consensus: rate(vllm_dp_pause_consensus_steps_sum[5m])
+                           / rate(vllm_dp_pause_consensus_steps_count[5m])
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.worker_board import read_board
 
-SYNC_WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-CONSENSUS_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                             2.5, 5.0, 10.0, 30.0, 60.0)
-CONSENSUS_STEPS_BUCKETS = (1, 2, 4, 8, 16, 17, 24, 32, 33, 48, 64, 96, 128, 256)
+#: Seconds inside one sync_dp_state all-reduce. vLLM runs it on a Gloo CPU group on every
+#: platform (``ParallelConfig.stateless_init_dp_group``: "use gloo since the engine process
+#: might not have cuda device"), so GPU deployments see Gloo latencies too: an all-reduce whose
+#: peers are all there takes ~0.1 ms on one host (measured here: min 0.11 ms, p10 0.16 ms) and
+#: ~0.04-0.35 ms between hosts (pytorch/gloo#158: 1 KB ring all-reduce, InfiniBand / TCP);
+#: NCCL-scale small all-reduces are 10-100 us, under the first bound. Longer is waiting for the
+#: slowest peer's step: 1-10 ms with the CPU cluster's 1 ms steps (measured p50 0.5 ms, p90
+#: 3.6 ms, p99 6 ms), 10-100 ms for a GPU decode or prefill step; above 1 s is a straggler, and
+#: a stall is the inside gauge's job (the alert fires at 10 s). A 1-3-10 ladder keeps every
+#: quantile estimate within a factor ~3.
+SYNC_WAIT_BUCKETS = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 1.0)
+#: Seconds from a rank's pause request to all-rank consensus: at least one sync round after
+#: the last rank's request. Measured on the CPU cluster (1 ms steps, interval 16, random
+#: stagger, fixed and adaptive cadence): min 1.6 ms, p50 21 ms, p99 49 ms. On GPUs a fixed
+#: cadence of 32 steps x 10-50 ms per step is 0.3-1.6 s, the adaptive one a few steps; above
+#: 3 s is slow (the VllmDpPauseConsensusSlow alert reads the pending gauge, not this).
+CONSENSUS_SECONDS_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+class RankRegistry(CollectorRegistry):
+    """A rank's registry without ``_created`` samples (one per counter child and histogram:
+    a sixth of the series, answering no question the dashboards or alerts ask).
+
+    Dropped here, at collection, rather than with prometheus_client's
+    ``disable_created_metrics()``: that switch is process-global, so inside a vLLM engine core
+    it would also change what vLLM's own metrics and any other prometheus_client user in that
+    process expose, and anyone calling ``enable_created_metrics()`` would bring ours back.
+    """
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in super().collect():
+            metric.samples = [s for s in metric.samples
+                              if not s.name.endswith(("_created", "_gcreated"))]
+            yield metric
+
+
+def trace_exemplar(span: Any) -> dict[str, str] | None:
+    """The OpenMetrics exemplar naming ``span``'s trace (``trace_id``, ``span_id`` as 32 and
+    16 hex digits, as the spans file and OTLP carry them), or None without a recording span.
+    Only the OpenMetrics exposition renders it; Prometheus keeps it with
+    ``--enable-feature=exemplar-storage`` and Grafana links it to the trace."""
+    if span is None:
+        return None
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return None
+    return {n.EXEMPLAR_TRACE_ID: format(ctx.trace_id, "032x"),
+            n.EXEMPLAR_SPAN_ID: format(ctx.span_id, "016x")}
 
 
 class RankMetrics:
@@ -90,10 +140,6 @@ class RankMetrics:
         waves = counter(n.START_DP_WAVE, "START_DP_WAVE messages (count) by outcome: acted, "
                         "ignored (paused), stale, excluded.", (n.LABEL_OUTCOME,))
         self.start_dp_wave = {o: waves.labels(**labels, outcome=o) for o in n.WAVE_OUTCOMES}
-        finished = counter(n.REQUESTS_FINISHED, "Requests (count) finished on this rank, by "
-                           "outcome.", (n.LABEL_OUTCOME,))
-        self.requests_finished = {o: finished.labels(**labels, outcome=o)
-                                  for o in n.REQUEST_OUTCOMES}
         rejected = counter(n.REQUESTS_REJECTED, "New requests (count) this rank rejected "
                            "instead of queueing, by reason (engine_paused: paused by "
                            "pause_generation, vLLM 0.33+).", (n.LABEL_REASON,))
@@ -108,6 +154,7 @@ class RankMetrics:
                                (n.LABEL_WHERE,))
         self._labels = labels
 
+        # The two histograms carry the pause's trace as an exemplar (probe: trace_exemplar).
         self.sync_wait = Histogram(n.SYNC_WAIT, "Seconds spent inside each sync_dp_state "
                                    "all-reduce.", base, buckets=SYNC_WAIT_BUCKETS,
                                    registry=registry).labels(**labels)
@@ -115,10 +162,11 @@ class RankMetrics:
             n.PAUSE_CONSENSUS_LATENCY, "Seconds from this rank's pause request to all-rank "
             "consensus.", base, buckets=CONSENSUS_SECONDS_BUCKETS, registry=registry).labels(
             **labels)
-        self.consensus_steps = Histogram(
+        # Sum and count only: the mean is the question (dummy steps a pause costs, bounded by
+        # the sync interval); buckets would depend on each deployment's interval.
+        self.consensus_steps = Summary(
             n.PAUSE_CONSENSUS_STEPS, "Steps (count) this rank took from its pause request to "
-            "all-rank consensus.", base, buckets=CONSENSUS_STEPS_BUCKETS,
-            registry=registry).labels(**labels)
+            "all-rank consensus.", base, registry=registry).labels(**labels)
         Info(n.INFO, "Static facts about this DP rank's pause protocol and versions.", base,
              registry=registry).labels(**labels).info(dict(info or {}))
         self.hot = HotPathState()
@@ -192,9 +240,6 @@ class HotPathCollector(Collector):
                                      labels=names)
         progress.add_metric(values, st.last_progress)
         yield progress
-        since = GaugeMetricFamily(n.COLLECTIVE_INSIDE_SINCE, "Unix time in seconds at which "
-                                  "this rank entered the collective, 0 when not inside.",
-                                  labels=[*names, n.LABEL_COLLECTIVE])
         inside = GaugeMetricFamily(n.COLLECTIVE_INSIDE, "Seconds this rank has been inside the "
                                    "collective so far, 0 when not inside (computed at scrape "
                                    "time).", labels=[*names, n.LABEL_COLLECTIVE])
@@ -202,10 +247,8 @@ class HotPathCollector(Collector):
                                    "collective.", labels=[*names, n.LABEL_COLLECTIVE])
         for c in n.COLLECTIVES:
             entered = st.inside_since.get(c, 0.0)
-            since.add_metric([*values, c], entered)
             inside.add_metric([*values, c], max(0.0, now - entered) if entered else 0.0)
             wait.add_metric([*values, c], st.wait_seconds.get(c, 0.0))
-        yield since
         yield inside
         yield wait
 

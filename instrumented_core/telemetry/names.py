@@ -38,7 +38,7 @@ STEP_COUNTER = "vllm_dp_wave_step_counter"
 STEPS_UNTIL_SYNC = "vllm_dp_steps_until_sync"
 SYNC_INTERVAL = "vllm_dp_sync_interval_steps"
 DP_SIZE = "vllm_dp_size"
-COLLECTIVE_INSIDE_SINCE = "vllm_dp_collective_inside_since_timestamp_seconds"
+# when it entered, in PromQL: timestamp(x) - x (no second gauge for it)
 COLLECTIVE_INSIDE = "vllm_dp_collective_inside_seconds"
 LAST_PROGRESS = "vllm_dp_last_progress_timestamp_seconds"
 PAUSE_PENDING_SINCE = "vllm_dp_pause_pending_since_timestamp_seconds"
@@ -60,7 +60,6 @@ PAUSE_REQUESTS = "vllm_dp_pause_requests"
 PAUSE_CONSENSUS = "vllm_dp_pause_consensus"
 RESUMES = "vllm_dp_resumes"
 START_DP_WAVE = "vllm_dp_start_dp_wave"
-REQUESTS_FINISHED = "vllm_dp_requests_finished"
 REQUESTS_REJECTED = "vllm_dp_requests_rejected"  # by reason (REJECT_REASONS)
 COLLECTIVE_WAIT = "vllm_dp_collective_wait_seconds"
 TELEMETRY_DROPPED = "vllm_dp_telemetry_dropped"
@@ -71,12 +70,18 @@ WORKER_CALLS = "vllm_dp_worker_calls"  # engine-to-worker calls completed
 WORKER_CALL_SECONDS = "vllm_dp_worker_call_seconds"  # seconds inside them
 WORKER_MODEL_COLLECTIVES = "vllm_dp_worker_model_collectives"  # entered: the sequence number
 WORKER_MODEL_COLLECTIVE_SECONDS = "vllm_dp_worker_model_collective_seconds"
-# Histograms
+# Histograms (the first two carry the pause's trace as an OpenMetrics exemplar)
 SYNC_WAIT = "vllm_dp_sync_wait_seconds"
 PAUSE_CONSENSUS_LATENCY = "vllm_dp_pause_consensus_latency_seconds"
+# Summary without quantiles: _sum and _count
 PAUSE_CONSENSUS_STEPS = "vllm_dp_pause_consensus_steps"
 # Info
 INFO = "vllm_dp"  # exposed as vllm_dp_info
+
+# Exemplar labels on the sync-wait and consensus-latency buckets: the pause's trace (32 hex
+# digits, as in the spans file and OTLP) and the rank's pause span (16 hex digits).
+EXEMPLAR_TRACE_ID = "trace_id"
+EXEMPLAR_SPAN_ID = "span_id"
 
 # Values of the phase gauge (also the order of a state timeline's value mappings).
 PHASE_RUNNING = 0
@@ -88,7 +93,6 @@ PHASE_CODES = {"running": PHASE_RUNNING, "pending_pause": PHASE_PENDING_PAUSE, "
 STEP_KINDS = ("real", "dummy")
 PAUSE_MODES = ("abort", "wait", "keep")
 WAVE_OUTCOMES = ("acted", "ignored", "stale", "excluded")
-REQUEST_OUTCOMES = ("completed", "aborted")
 COLLECTIVE_SYNC = "sync_dp_state"
 COLLECTIVE_STEP = "step"
 COLLECTIVE_RPC = "collective_rpc"
@@ -133,7 +137,6 @@ SUFFIXED_COUNTERS = tuple(
         PAUSE_CONSENSUS,
         RESUMES,
         START_DP_WAVE,
-        REQUESTS_FINISHED,
         REQUESTS_REJECTED,
         TELEMETRY_DROPPED,
         TELEMETRY_ERRORS,
@@ -151,7 +154,6 @@ PAUSE_REQUESTS_TOTAL = PAUSE_REQUESTS + "_total"
 PAUSE_CONSENSUS_TOTAL = PAUSE_CONSENSUS + "_total"
 RESUMES_TOTAL = RESUMES + "_total"
 START_DP_WAVE_TOTAL = START_DP_WAVE + "_total"
-REQUESTS_FINISHED_TOTAL = REQUESTS_FINISHED + "_total"
 REQUESTS_REJECTED_TOTAL = REQUESTS_REJECTED + "_total"
 TELEMETRY_DROPPED_TOTAL = TELEMETRY_DROPPED + "_total"
 TELEMETRY_ERRORS_TOTAL = TELEMETRY_ERRORS + "_total"
@@ -163,7 +165,8 @@ WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL = WORKER_MODEL_COLLECTIVE_SECONDS + "_tota
 INFO_SERIES = INFO + "_info"
 WORKER_POSITION_INFO = WORKER_POSITION + "_info"
 
-HISTOGRAMS = (SYNC_WAIT, PAUSE_CONSENSUS_LATENCY, PAUSE_CONSENSUS_STEPS)
+HISTOGRAMS = (SYNC_WAIT, PAUSE_CONSENSUS_LATENCY)
+SUMMARIES = (PAUSE_CONSENSUS_STEPS,)
 GAUGES = (
     PHASE,
     IGNORE_START_DP_WAVE,
@@ -173,7 +176,6 @@ GAUGES = (
     STEPS_UNTIL_SYNC,
     SYNC_INTERVAL,
     DP_SIZE,
-    COLLECTIVE_INSIDE_SINCE,
     COLLECTIVE_INSIDE,
     LAST_PROGRESS,
     PAUSE_PENDING_SINCE,
@@ -191,6 +193,8 @@ def exposed_series_names() -> frozenset[str]:
     names = set(GAUGES) | set(SUFFIXED_COUNTERS) | {INFO + "_info", WORKER_POSITION + "_info"}
     for h in HISTOGRAMS:
         names |= {h + "_bucket", h + "_sum", h + "_count"}
+    for s in SUMMARIES:
+        names |= {s + "_sum", s + "_count"}
     return frozenset(names)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from instrumented_core.probe import NULL_PROBE, Probe  # noqa: F401 - re-exported
 from instrumented_core.protocol import Phase, SyncResult, is_sync_step, steps_until_sync
 from instrumented_core.telemetry import names as n
-from instrumented_core.telemetry.metrics import HotPathState
+from instrumented_core.telemetry.metrics import HotPathState, trace_exemplar
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class TelemetryProbe(Probe):
             seconds = now - self._pause_started_at
             steps = self.steps_total - self._pause_started_step
             if m is not None:
-                m.consensus_latency.observe(seconds)
+                m.consensus_latency.observe(seconds, trace_exemplar(self._pause_span))
                 m.consensus_steps.observe(steps)
             if self._phase_span is not None:
                 self._phase_span.set_attributes({n.ATTR_STEPS_WAITED: steps,
@@ -282,7 +282,7 @@ class TelemetryProbe(Probe):
         m = self.metrics
         if m is not None:
             m.sync_rounds.inc()
-            m.sync_wait.observe(seconds)
+            m.sync_wait.observe(seconds, trace_exemplar(self._pause_span))
         if self._phase_span is not None and self._state is not None and (
                 getattr(self._state, "pending_pause", False) or result.consensus):
             # kept as a tuple now, made a span event when the span next changes: an event
@@ -346,11 +346,6 @@ class TelemetryProbe(Probe):
             hot.wait_seconds[collective] = total
         except Exception:  # noqa: BLE001 - counted and logged by _telemetry_error
             self._telemetry_error("collective_end")
-
-    @_guarded
-    def request_finished(self, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.requests_finished[outcome].inc()
 
     def progress(self) -> None:
         try:

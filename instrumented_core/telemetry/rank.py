@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from instrumented_core.probe import NULL_PROBE, Probe
 from instrumented_core.telemetry.config import TelemetryConfig
-from instrumented_core.telemetry.metrics import RankMetrics
+from instrumented_core.telemetry.metrics import RankMetrics, RankRegistry
 from instrumented_core.telemetry.probe import TelemetryProbe
 from instrumented_core.telemetry.server import MetricsServer
 from instrumented_core.telemetry.tracing import make_tracer_provider
@@ -46,7 +46,7 @@ def start_rank_telemetry(
     """Registry + endpoint + tracer + probe for one rank; call from the engine thread."""
     if not config.enabled:
         return RankTelemetry(NULL_PROBE, None, None)
-    registry = CollectorRegistry()
+    registry = RankRegistry()
     metrics = RankMetrics(registry, rank, config.model_name, info)
     metrics.dp_size.set(dp_size)  # never served as 0 (the doctor's "defaults" sign)
     # All or nothing: what can fail (the exporter, the tracer, the probe) starts before the

@@ -24,6 +24,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from instrumented_core.telemetry.config import (
     ENV_DEBUG_REMOTE,
@@ -60,14 +61,22 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
+            # OpenMetrics (with the histograms' trace exemplars) only when asked for, as
+            # Prometheus does; any other scraper gets the plain text format.
+            openmetrics_wanted = "application/openmetrics-text" in self.headers.get("Accept", "")
             try:
-                exposition = generate_latest(self.server.registry)
+                if openmetrics_wanted:
+                    exposition = openmetrics.generate_latest(self.server.registry)
+                else:
+                    exposition = generate_latest(self.server.registry)
             except Exception as e:  # noqa: BLE001 - one broken collector: say so, not a reset
                 self.server.scrape_failed(e)
                 self._send(500, f"scrape failed in rank {self.server.rank}'s telemetry: "
                                 f"{type(e).__name__}: {e}\n".encode(), "text/plain")
                 return
-            self._send(200, exposition, CONTENT_TYPE_LATEST)
+            self._send(200, exposition,
+                       openmetrics.CONTENT_TYPE_LATEST if openmetrics_wanted
+                       else CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             self._send(200, b"ok\n", "text/plain")
         elif path == "/debug/stacks" and self.server.debug_refused:

@@ -718,7 +718,7 @@ def _two_ranks(api: Any, inst: Any, registries: dict, probes: dict) -> list[dict
             "sync_interval": value(n.SYNC_INTERVAL),
             "dp_size": value(n.DP_SIZE),
             "resume_wait_seconds": value(n.COLLECTIVE_WAIT_TOTAL, collective="resume"),
-            "inside_sync": value(n.COLLECTIVE_INSIDE_SINCE, collective="sync_dp_state"),
+            "inside_sync": value(n.COLLECTIVE_INSIDE, collective="sync_dp_state"),
         }
         record["phases"] = probes[rank].phases
         record["syncs"] = probes[rank].syncs[-2:]

@@ -81,18 +81,8 @@
             "expr": ("histogram_quantile(0.99, sum by (job, model_name, le) (rate(vllm_dp_pause_consensus_latency_seconds_bucket{%(selector)s}[5m])))\nand on (job, model_name)\n(sum by (job, model_name) (rate(vllm_dp_pause_consensus_latency_seconds_count{%(selector)s}[5m])) > 0)\n" % $._config),
           },
           {
-            "record": "job_model_name:vllm_dp_pause_consensus_steps:histogram_quantile",
-            "labels": {
-              "quantile": "0.5",
-            },
-            "expr": ("histogram_quantile(0.5, sum by (job, model_name, le) (rate(vllm_dp_pause_consensus_steps_bucket{%(selector)s}[5m])))\nand on (job, model_name)\n(sum by (job, model_name) (rate(vllm_dp_pause_consensus_steps_count{%(selector)s}[5m])) > 0)\n" % $._config),
-          },
-          {
-            "record": "job_model_name:vllm_dp_pause_consensus_steps:histogram_quantile",
-            "labels": {
-              "quantile": "0.99",
-            },
-            "expr": ("histogram_quantile(0.99, sum by (job, model_name, le) (rate(vllm_dp_pause_consensus_steps_bucket{%(selector)s}[5m])))\nand on (job, model_name)\n(sum by (job, model_name) (rate(vllm_dp_pause_consensus_steps_count{%(selector)s}[5m])) > 0)\n" % $._config),
+            "record": "job_model_name:vllm_dp_pause_consensus_steps:mean",
+            "expr": ("sum by (job, model_name) (rate(vllm_dp_pause_consensus_steps_sum{%(selector)s}[5m]))\n/\n(sum by (job, model_name) (rate(vllm_dp_pause_consensus_steps_count{%(selector)s}[5m])) > 0)\n" % $._config),
           },
         ],
       },
@@ -582,7 +572,7 @@
             "type": "prometheus",
             "uid": "${datasource}",
           },
-          "description": "Time spent inside each sync_dp_state all-reduce, over the selected ranks (empty while no rounds run).",
+          "description": "Time spent inside each sync_dp_state all-reduce, over the selected ranks (empty while no rounds run). Exemplars (dots) link a round of a pause to its trace.",
           "fieldConfig": {
             "defaults": {
               "custom": {
@@ -632,6 +622,7 @@
                 "type": "prometheus",
                 "uid": "${datasource}",
               },
+              "exemplar": true,
               "expr": ("histogram_quantile(0.99, sum by (le) (rate(vllm_dp_sync_wait_seconds_bucket{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval]))) and on () (sum(rate(vllm_dp_sync_wait_seconds_count{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) > 0)" % $._config),
               "instant": false,
               "legendFormat": "p99",
@@ -716,7 +707,7 @@
             "type": "prometheus",
             "uid": "${datasource}",
           },
-          "description": "From a rank's pause request to all-rank consensus, in seconds. Empty when no pause reached consensus in the window.",
+          "description": "From a rank's pause request to all-rank consensus, in seconds. Empty when no pause reached consensus in the window. Exemplars (dots) link a pause to its trace.",
           "fieldConfig": {
             "defaults": {
               "custom": {
@@ -766,6 +757,7 @@
                 "type": "prometheus",
                 "uid": "${datasource}",
               },
+              "exemplar": true,
               "expr": ("histogram_quantile(0.99, sum by (le) (rate(vllm_dp_pause_consensus_latency_seconds_bucket{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval]))) and on () (sum(rate(vllm_dp_pause_consensus_latency_seconds_count{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) > 0)" % $._config),
               "instant": false,
               "legendFormat": "p99",
@@ -782,7 +774,7 @@
             "type": "prometheus",
             "uid": "${datasource}",
           },
-          "description": "From a rank's pause request to all-rank consensus, in steps. Empty when no pause reached consensus in the window.",
+          "description": "From a rank's pause request to all-rank consensus, in steps, averaged over the pauses in the window (at most about one sync interval when all ranks request together). Empty when no pause reached consensus in the window.",
           "fieldConfig": {
             "defaults": {
               "custom": {
@@ -821,25 +813,14 @@
                 "type": "prometheus",
                 "uid": "${datasource}",
               },
-              "expr": ("histogram_quantile(0.5, sum by (le) (rate(vllm_dp_pause_consensus_steps_bucket{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval]))) and on () (sum(rate(vllm_dp_pause_consensus_steps_count{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) > 0)" % $._config),
+              "expr": ("sum by (engine) (rate(vllm_dp_pause_consensus_steps_sum{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) / (sum by (engine) (rate(vllm_dp_pause_consensus_steps_count{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) > 0)" % $._config),
               "instant": false,
-              "legendFormat": "p50",
+              "legendFormat": "engine {{engine}}",
               "range": true,
               "refId": "A",
             },
-            {
-              "datasource": {
-                "type": "prometheus",
-                "uid": "${datasource}",
-              },
-              "expr": ("histogram_quantile(0.99, sum by (le) (rate(vllm_dp_pause_consensus_steps_bucket{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval]))) and on () (sum(rate(vllm_dp_pause_consensus_steps_count{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) > 0)" % $._config),
-              "instant": false,
-              "legendFormat": "p99",
-              "range": true,
-              "refId": "B",
-            },
           ],
-          "title": "Pause request -> consensus (steps, p50 / p99)",
+          "title": "Pause request -> consensus (steps, mean per rank)",
           "transparent": false,
           "type": "timeseries",
         },
