@@ -1,4 +1,4 @@
-"""The ``instrumented-core`` command line: ``demo`` and ``doctor``."""
+"""The ``instrumented-core`` command line: ``demo``, ``doctor`` and ``analyze``."""
 
 from __future__ import annotations
 
@@ -209,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--stacks", action="store_true",
                         help="fetch the culprit's engine-thread stack from /debug/stacks")
     doctor.add_argument("--json", action="store_true", help="print the verdict as JSON")
+
+    analyze = sub.add_parser(
+        "analyze", help="merge the ranks' flight-recorder hang dumps into one cross-rank verdict",
+        epilog="exit codes: 0 the DP collective sequences agree; 2 they diverge, or bad input")
+    analyze.add_argument("source", help="the flight dump directory (default location: flight/ "
+                         "next to the spans file) or a bundle written by --bundle")
+    analyze.add_argument("--bundle", metavar="OUT.tar.gz", default=None,
+                         help="also write every dump and the analysis into one .tar.gz")
+    analyze.add_argument("--json", action="store_true", help="print the analysis as JSON")
     return parser
 
 
@@ -227,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "analyze":
+            return _analyze(args)
         return _doctor(args)
     except (ClusterConfigError, TelemetryConfigError, ProtocolError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -271,6 +282,30 @@ def _doctor(args) -> int:
     else:
         print(report.render())
     return report.exit_code
+
+
+def _analyze(args) -> int:
+    import json
+
+    from instrumented_core.flight_analysis import (
+        FlightInputError,
+        analyze,
+        load_dumps,
+        write_bundle,
+    )
+
+    try:
+        dumps = load_dumps(args.source)
+        result = analyze(dumps)
+        if args.bundle:
+            write_bundle(dumps, result, args.bundle)
+    except (FlightInputError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict()) if args.json else result.render())
+    if args.bundle and not args.json:
+        print(f"bundle: {args.bundle}")
+    return 2 if result.divergence_seq is not None else 0
 
 
 if __name__ == "__main__":

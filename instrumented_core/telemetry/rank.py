@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -22,6 +23,7 @@ class RankTelemetry:
     probe: Probe
     server: MetricsServer | None
     registry: CollectorRegistry | None
+    watchdog: Any = None  # the flight recorder's watchdog (telemetry.watchdog.Watchdog)
 
     @property
     def metrics_url(self) -> str | None:
@@ -29,6 +31,9 @@ class RankTelemetry:
 
     def close(self) -> None:
         """Idempotent: the engine thread and the cluster's stop watcher may both call it."""
+        watchdog, self.watchdog = self.watchdog, None
+        if watchdog is not None:
+            watchdog.stop()
         self.probe.shutdown()
         server, self.server = self.server, None
         if server is not None:
@@ -56,4 +61,15 @@ def start_rank_telemetry(
     probe = TelemetryProbe(rank, dp_size, metrics, provider, group_key=group_key,
                            protocol=protocol, model_name=config.model_name)
     holder.append(probe)
-    return RankTelemetry(probe, server, registry)
+    from instrumented_core.telemetry import names as n
+    from instrumented_core.telemetry.flight_recorder import FlightRecorderCollector
+
+    registry.register(FlightRecorderCollector(probe.flight, {
+        n.LABEL_ENGINE: str(rank), n.LABEL_MODEL_NAME: config.model_name}))
+    watchdog = None
+    if config.watchdog:
+        from instrumented_core.telemetry.watchdog import Watchdog
+
+        watchdog = Watchdog(probe, config.flight_dump_dir, config.watchdog_seconds, registry,
+                            tracer_provider=provider).start()
+    return RankTelemetry(probe, server, registry, watchdog)
