@@ -103,12 +103,7 @@ class Watchdog:
             if now - oldest[0] > limit:
                 return Incident("inside", oldest[1], oldest[0], now - oldest[0])
             return None
-        state = getattr(self.probe, "_state", None)
-        try:
-            busy = bool(state is not None and state.engines_running
-                        and self.probe.flight.phase != "paused")
-        except Exception:  # noqa: BLE001 - an engine being torn down
-            busy = False
+        busy = self.probe.flight.phase != "paused" and _busy(getattr(self.probe, "_state", None))
         last = hot.last_progress
         if busy and now - last > limit:
             return Incident("no_progress", "", last, now - last)
@@ -230,6 +225,20 @@ class Watchdog:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=2.0)
+
+
+def _busy(state: Any) -> bool:
+    """Whether the rank should be making progress: its loop runs, or it holds requests (an
+    idle rank, or a paused one, has nothing to progress on)."""
+    if state is None:
+        return False
+    try:
+        if state.engines_running:
+            return True
+        counts = getattr(state, "request_counts", None)
+        return counts is not None and sum(counts()) > 0
+    except Exception:  # noqa: BLE001 - an engine being torn down
+        return False
 
 
 def _stack(frame: Any) -> list[str]:
