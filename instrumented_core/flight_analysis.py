@@ -211,15 +211,24 @@ def _rank_state(d: dict[str, Any]) -> RankState:
 
 
 def _waking_wave(st: RankState, before_seq: int) -> dict[str, Any] | None:
-    """The last START_DP_WAVE this rank acted on while paused, before ``before_seq`` (a wave
-    that wakes a paused rank into steps its peers do not take: #36594; a pending rank acting on
-    one is normal, it keeps stepping until consensus)."""
+    """The last START_DP_WAVE this rank acted on while paused, before ``before_seq``: a wave
+    that wakes a paused rank into steps its peers do not take (#36594). With the legacy
+    one-phase pause any wave acted on between a pause request and the resume counts (vLLM's
+    flags there cannot tell a paused rank from a pausing one); with two-phase only one acted on
+    in the paused phase (a pending rank keeps stepping until consensus: normal)."""
+    legacy = st.dump.get("protocol") == "legacy"
     found = None
+    pausing = False
     for e in st.dump.get("events", []):
         if int(e.get("dp_seq", 0)) >= before_seq:
             break
-        if (e.get("kind") == "start_dp_wave" and e.get("outcome") == "acted"
-                and e.get("phase") == "paused"):
+        kind = e.get("kind")
+        if kind == "pause_requested":
+            pausing = True
+        elif kind == "resumed":
+            pausing = False
+        elif kind == "start_dp_wave" and e.get("outcome") == "acted" and (
+                e.get("phase") == "paused" or (legacy and pausing)):
             found = e
     return found
 
@@ -308,8 +317,8 @@ def _name_divergence(seq: int, kinds: dict[str, list[int]], states: dict[int, Ra
     if causes:
         r, wave = causes[0]
         others = [c[0] for c in causes[1:]]
-        out.cause = (f"START_DP_WAVE (wave {wave.get('wave')}) acted on while "
-                     f"{wave.get('phase')} by rank {r} at {_clock(float(wave['ts']))} (event "
+        out.cause = (f"START_DP_WAVE (wave {wave.get('wave')}) acted on during a pause "
+                     f"(phase {wave.get('phase')}) by rank {r} at {_clock(float(wave['ts']))} (event "
                      f"#{wave.get('no')}, after DP collective #{wave.get('dp_seq')}): it woke "
                      f"the paused rank into steps its peers never took"
                      + (f"; also {rank_list(others)}" if others else ""))

@@ -74,7 +74,7 @@ def test_legacy_deadlock_dumps_name_the_barrier_and_the_waking_start_dp_wave(tmp
     assert result.divergence.startswith(f"DP collective #{int(seqs[0])}: rank 0 in barrier; "
                                         "rank 1 never entered it (inside step"), text
     assert result.culprits == [1] and result.victims == [0], text
-    assert "START_DP_WAVE" in result.cause and "acted on while paused by rank 1" in result.cause
+    assert "START_DP_WAVE" in result.cause and "by rank 1" in result.cause
     assert any("_model_step" in line for line in result.stacks[1]), text
 
 

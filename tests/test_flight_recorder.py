@@ -42,8 +42,9 @@ class State:
         self.sync_interval = 16
 
 
-def probe_for(rank: int, dp: int = 2, running: bool = True) -> TelemetryProbe:
-    probe = TelemetryProbe(rank, dp)
+def probe_for(rank: int, dp: int = 2, running: bool = True,
+              protocol: str = "two-phase") -> TelemetryProbe:
+    probe = TelemetryProbe(rank, dp, protocol=protocol)
     probe.attach(State(running))
     return probe
 
@@ -79,6 +80,11 @@ def steps(k: int):
     return run
 
 
+def pausing(p: TelemetryProbe) -> None:
+    p.pause_requested("keep")
+    p.phase_changed(Phase.RUNNING, Phase.PENDING_PAUSE)
+
+
 def paused(p: TelemetryProbe) -> None:
     p.pause_requested("keep")
     p.phase_changed(Phase.RUNNING, Phase.PAUSED)
@@ -93,8 +99,9 @@ def stale(p: TelemetryProbe) -> None:
     p.hot.last_progress = time.time() - 60
 
 
-def dump_of(rank: int, dp: int, script, tmp_path: Path | None = None) -> dict:
-    probe = probe_for(rank, dp)
+def dump_of(rank: int, dp: int, script, tmp_path: Path | None = None,
+            protocol: str = "two-phase") -> dict:
+    probe = probe_for(rank, dp, protocol=protocol)
     for op in script:
         op(probe)
     wd = Watchdog(probe, tmp_path or "/nonexistent", threshold=1.0)
@@ -106,7 +113,8 @@ def dump_of(rank: int, dp: int, script, tmp_path: Path | None = None) -> dict:
 HISTORY = [sync, sync, paused, coll(n.COLLECTIVE_BARRIER)]  # DP collectives #1-#3
 
 CASES = {
-    # name: (per-rank scripts, divergence_seq, culprits, victims, divergence words, cause?)
+    # name: (per-rank scripts, divergence_seq, culprits, victims, divergence words, cause?,
+    #        protocol)
     "#36594 on the CPU cluster: rank 0 in the barrier, the woken rank inside a step": (
         [HISTORY + [enter(n.COLLECTIVE_BARRIER)],
          HISTORY + [woken, steps(3), enter(n.COLLECTIVE_STEP)]],
@@ -133,21 +141,28 @@ CASES = {
          [lambda p: p.phase_changed(Phase.RUNNING, Phase.PENDING_PAUSE),
           lambda p: p.start_dp_wave(2, None, "acted"), sync, stale]],
         2, [1], [0], ["rank 1 never entered it"], False),
+    "legacy pause on vLLM: the wave that woke a rank still flagged pending is the cause": (
+        [[sync, pausing, sync, enter(n.COLLECTIVE_BARRIER)],
+         [sync, pausing, sync, lambda p: p.start_dp_wave(3, None, "acted"),
+          enter(n.COLLECTIVE_STEP)]],
+        3, [1], [0], ["DP collective #3: rank 0 in barrier; rank 1 never entered it"], True,
+        "legacy"),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_analysis_names_first_divergence_culprits_and_cause(name):
-    scripts, seq, culprits, victims, words, cause = CASES[name]
+    scripts, seq, culprits, victims, words, cause, *protocol = CASES[name]
     dp = len(scripts)
-    result = analyze([dump_of(r, dp, s) for r, s in enumerate(scripts)])
+    result = analyze([dump_of(r, dp, s, protocol=(protocol or ["two-phase"])[0])
+                      for r, s in enumerate(scripts)])
     text = result.render()
     assert result.divergence_seq == seq, text
     assert result.culprits == culprits, text
     assert result.victims == victims, text
     for w in words:
         assert w in result.divergence, text
-    assert ("START_DP_WAVE (wave 3) acted on while paused" in result.cause) == cause, text
+    assert ("START_DP_WAVE (wave 3) acted on during a pause" in result.cause) == cause, text
     assert result.missing == []
 
 
