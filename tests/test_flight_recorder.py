@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from instrumented_core.flight_analysis import analyze, load_dumps, rank_list, write_bundle
 from instrumented_core.protocol import Phase, SyncResult
+from instrumented_core.telemetry import TelemetryConfig
 from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.flight_recorder import FlightRecorderCollector
 from instrumented_core.telemetry.probe import TelemetryProbe
@@ -331,3 +332,24 @@ def test_analyze_command_and_bundle_round_trip(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "instrumented_core.cli", "analyze",
                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("raw, problem", [("soon", "is not a number of seconds"),
+                                          ("-3", "must be > 0")])
+def test_a_bad_watchdog_threshold_is_one_line_naming_the_fix(raw, problem):
+    from instrumented_core.telemetry.config import ENV_WATCHDOG, TelemetryConfigError
+
+    with pytest.raises(TelemetryConfigError) as info:
+        TelemetryConfig.from_env({ENV_WATCHDOG: raw})
+    assert problem in str(info.value) and "\n" not in str(info.value)
+
+
+def test_watchdog_settings_and_the_default_dump_directory(tmp_path):
+    from instrumented_core.telemetry.config import ENV_FLIGHT_DIR, ENV_WATCHDOG
+
+    cfg = TelemetryConfig.from_env({}, spans_file=str(tmp_path / "run" / "spans.jsonl"))
+    assert cfg.watchdog and cfg.watchdog_seconds is None
+    assert cfg.flight_dump_dir == tmp_path / "run" / "flight"
+    cfg = TelemetryConfig.from_env({ENV_WATCHDOG: "off", ENV_FLIGHT_DIR: str(tmp_path / "d")})
+    assert not cfg.watchdog and cfg.flight_dump_dir == tmp_path / "d"
+    assert TelemetryConfig.from_env({ENV_WATCHDOG: "7.5"}).watchdog_seconds == 7.5
