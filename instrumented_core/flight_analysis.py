@@ -258,31 +258,38 @@ def analyze(dumps: list[dict[str, Any]]) -> FlightAnalysis:
     return out
 
 
+def _dp_inside(st: RankState) -> str | None:
+    return next((c for c in st.dump.get("inside") or {} if c in n.DP_SEQUENCED_COLLECTIVES), None)
+
+
 def _find_divergence(states: dict[int, RankState], out: FlightAnalysis) -> None:
-    if len(states) < 2:
-        only = next(iter(states.values()), None)
-        if only is not None:
-            out.culprits = [only.rank]
-            out.divergence = ""
+    if len(states) >= 2:
+        lows = [st.lowest for st in states.values() if st.lowest is not None]
+        start = max(lows) if lows else 1
+        top = max(st.dp_seq for st in states.values())
+        for seq in range(start, top + 1):
+            kinds: dict[str, list[int]] = {}
+            for r, st in states.items():
+                kind = st.entries.get(seq) if seq <= st.dp_seq else None
+                kinds.setdefault(kind or "", []).append(r)
+            if len(kinds) > 1:
+                _name_divergence(seq, kinds, states, out)
+                return
+    # the dumped ranks agree: a collective still waited in lacks a rank that left no dump (it
+    # died, was restarted, or was never stuck itself), else whoever waits in none holds it up
+    waiting = [r for r, st in states.items() if _dp_inside(st)]
+    if out.missing and waiting and len(waiting) == len(states):
+        seq = max(states[r].dp_seq for r in waiting)
+        kinds_now = sorted({str(_dp_inside(states[r])) for r in waiting})
+        out.divergence_seq = seq
+        out.divergence = (f"DP collective #{seq}: {rank_list(waiting)} in "
+                          f"{'/'.join(kinds_now)}; {rank_list(out.missing)} left no dump (dead, "
+                          "restarted, or never stuck itself): the rank they wait for")
+        out.culprits, out.victims = list(out.missing), waiting
         return
-    lows = [st.lowest for st in states.values() if st.lowest is not None]
-    start = max(lows) if lows else 1
-    top = max(st.dp_seq for st in states.values())
-    for seq in range(start, top + 1):
-        kinds: dict[str, list[int]] = {}
-        for r, st in states.items():
-            kind = st.entries.get(seq) if seq <= st.dp_seq else None
-            kinds.setdefault(kind or "", []).append(r)
-        if len(kinds) > 1:
-            _name_divergence(seq, kinds, states, out)
-            return
-    # sequences agree: whoever is not waiting in a collective holds the others up
-    stuck_elsewhere = [r for r, st in states.items()
-                       if not any(c in n.DP_SEQUENCED_COLLECTIVES
-                                  for c in st.dump.get("inside") or {})]
-    if stuck_elsewhere and len(stuck_elsewhere) < len(states):
-        out.culprits = stuck_elsewhere
-        out.victims = [r for r in states if r not in stuck_elsewhere]
+    elsewhere = [r for r in states if r not in waiting]
+    if elsewhere:
+        out.culprits, out.victims = elsewhere, waiting
 
 
 def _name_divergence(seq: int, kinds: dict[str, list[int]], states: dict[int, RankState],

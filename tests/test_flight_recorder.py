@@ -182,9 +182,21 @@ def test_newest_dump_per_rank_wins_and_a_rank_without_dump_is_listed():
     new = dump_of(0, 3, [sync, enter(n.COLLECTIVE_SYNC)])
     other = dump_of(1, 3, [sync, enter(n.COLLECTIVE_SYNC)])
     result = analyze([new, old, other])
-    assert result.divergence_seq is None
+    assert "ranks 0, 1 in sync_dp_state" in result.divergence  # not rank 0's older rpc dump
     assert result.missing == [2]
     assert "no dump from rank 2" in result.render()
+
+
+def test_a_rank_without_dump_is_named_when_its_peers_wait_for_it():
+    # rank 2 was killed before its watchdog fired: ranks 0 and 1 wait in sync round #2
+    result = analyze([dump_of(r, 3, [sync, steps(16), enter(n.COLLECTIVE_SYNC)])
+                      for r in (0, 1)])
+    assert result.divergence_seq == 2 and result.culprits == [2] and result.victims == [0, 1]
+    assert "DP collective #2: ranks 0, 1 in sync_dp_state; rank 2 left no dump" in \
+        result.divergence
+    # one dump, from a rank that waits in no collective: it is the one stuck
+    alone = analyze([dump_of(0, 2, [sync, stale])])
+    assert alone.culprits == [0] and alone.divergence_seq is None
 
 
 def test_rank_list():
