@@ -209,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--stacks", action="store_true",
                         help="fetch the culprit's engine-thread stack from /debug/stacks")
     doctor.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    doctor.add_argument("--bundle", metavar="OUT.tar.gz", default=None,
+                        help="also write the verdict, every rank's flight-recorder hang dump "
+                             "and their cross-rank analysis into one .tar.gz")
+    doctor.add_argument("--flight-dir", default=None,
+                        help="where the ranks write hang dumps (default: "
+                             "$INSTRUMENTED_CORE_FLIGHT_DIR, else flight/ next to the spans file)")
 
     analyze = sub.add_parser(
         "analyze", help="merge the ranks' flight-recorder hang dumps into one cross-rank verdict",
@@ -276,12 +282,41 @@ def _doctor(args) -> int:
 
     report = run_doctor(targets=args.targets, prometheus=args.prometheus, threshold=args.threshold,
                         stacks=args.stacks, selector=args.selector)
+    verdict_json = json.dumps({**report.verdict.as_dict(), "elapsed_seconds": report.elapsed,
+                               "stacks": report.stacks})
     if args.json:
-        print(json.dumps({**report.verdict.as_dict(), "elapsed_seconds": report.elapsed,
-                          "stacks": report.stacks}))
+        print(verdict_json)
     else:
         print(report.render())
+    if args.bundle:
+        _doctor_bundle(args, report.render(), verdict_json)
     return report.exit_code
+
+
+def _doctor_bundle(args, text: str, verdict_json: str) -> None:
+    """The live verdict plus the hang dumps and their analysis, in one file; the dumps' side
+    says on stderr what it found (no dump is a fact, not an error)."""
+    from instrumented_core.flight_analysis import (
+        FlightInputError,
+        analyze,
+        load_dumps,
+        write_bundle,
+    )
+    from instrumented_core.telemetry.config import TelemetryConfig
+
+    source = args.flight_dir or str(TelemetryConfig.from_env().flight_dump_dir)
+    try:
+        dumps = load_dumps(source)
+    except FlightInputError as e:
+        dumps, note = [], str(e)
+    result = analyze(dumps) if dumps else None
+    if result is not None:
+        note = f"{len(dumps)} hang dumps; {result.divergence or 'no divergence'}"
+        if not args.json:
+            print(result.render())
+    write_bundle(dumps, result, args.bundle,
+                 extra={"doctor.txt": text + "\n", "doctor.json": verdict_json})
+    print(f"bundle: {args.bundle} ({note})", file=sys.stderr)
 
 
 def _analyze(args) -> int:

@@ -333,9 +333,11 @@ def _name_divergence(seq: int, kinds: dict[str, list[int]], states: dict[int, Ra
 
 # -- the bundle ---------------------------------------------------------------------------------
 
-def write_bundle(dumps: list[dict[str, Any]], analysis: FlightAnalysis, out: str | Path) -> Path:
-    """A ``.tar.gz`` with every dump and the analysis (text and JSON): one file to attach to
-    the incident, readable again with ``analyze``."""
+def write_bundle(dumps: list[dict[str, Any]], analysis: FlightAnalysis | None, out: str | Path,
+                 extra: dict[str, str] | None = None) -> Path:
+    """A ``.tar.gz`` with every dump and the analysis (text and JSON), plus ``extra`` files
+    (the doctor's live verdict): one file to attach to the incident, readable again with
+    ``analyze``."""
     out = Path(out)
     with tarfile.open(out, "w:gz") as tar:
         def add(name: str, data: bytes) -> None:
@@ -347,6 +349,9 @@ def write_bundle(dumps: list[dict[str, Any]], analysis: FlightAnalysis, out: str
             body = {k: v for k, v in d.items() if k != "_source"}
             add(f"dumps/{Path(str(d.get('_source', 'dump.json'))).name}",
                 json.dumps(body).encode())
-        add("analysis.txt", (analysis.render() + "\n").encode())
-        add("analysis.json", json.dumps(analysis.as_dict(), indent=1).encode())
+        if analysis is not None:
+            add("analysis.txt", (analysis.render() + "\n").encode())
+            add("analysis.json", json.dumps(analysis.as_dict(), indent=1).encode())
+        for name, text in (extra or {}).items():
+            add(name, text.encode())
     return out

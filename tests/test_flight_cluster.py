@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from instrumented_core.cluster.scenarios import (
     run_random_schedule,
     upstream_deadlock_scenario,
 )
-from instrumented_core.flight_analysis import analyze, load_dumps, write_bundle
+from instrumented_core.flight_analysis import analyze, load_dumps
 from instrumented_core.scrape import scrape_all
 from instrumented_core.telemetry import TelemetryConfig
 from instrumented_core.telemetry import names as n
@@ -90,9 +93,20 @@ def test_stalled_then_killed_rank_its_dump_is_in_the_bundle_with_its_stack(tmp_p
         while cluster.alive()[1]:
             assert time.monotonic() < deadline, "rank 1 survived SIGKILL"
             time.sleep(0.05)
-        bundle = write_bundle(load_dumps(flight), analyze(load_dumps(flight)),
-                              tmp_path / "incident.tar.gz")
+        # the on-call command: the live verdict, and every dump with its analysis, in one file
+        bundle = tmp_path / "incident.tar.gz"
+        targets = ",".join(u.removeprefix("http://").removesuffix("/metrics")
+                           for u in cluster.metrics_urls)
+        run = subprocess.run([sys.executable, "-m", "instrumented_core.cli", "doctor",
+                              "--targets", targets, "--bundle", str(bundle), "--flight-dir",
+                              str(flight)], capture_output=True, text=True, timeout=60)
         del handles
+    assert run.returncode == 2, run.stdout + run.stderr  # stuck
+    assert "2 hang dumps" in run.stderr and "first divergence: DP collective" in run.stdout
+    with tarfile.open(bundle) as tar:
+        names = set(tar.getnames())
+    assert {"doctor.txt", "doctor.json", "analysis.txt"} <= names
+    assert sum(name.startswith("dumps/flight-rank0001-") for name in names) == 1  # the dead one
     result = analyze(load_dumps(bundle))
     text = result.render()
     assert result.culprits == [1] and result.victims == [0], text
