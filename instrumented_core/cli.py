@@ -103,6 +103,27 @@ def _out_dir(raw: str) -> str:
     return raw
 
 
+def _bundle_path(raw: str) -> str:
+    """Where a ``--bundle`` goes: a file in an existing directory (checked before anything
+    runs, so a typo costs no scrape)."""
+    path = Path(raw)
+    if not raw.strip() or path.is_dir():
+        raise argparse.ArgumentTypeError(f"--bundle {raw!r} is not a file name: give e.g. "
+                                         "incident.tar.gz")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"--bundle {raw}: its directory {path.parent} does "
+                                         "not exist: create it or write the bundle elsewhere")
+    return raw
+
+
+def _dump_dir(raw: str) -> str:
+    """``--flight-dir``: a directory (a missing one means no dumps, not an error)."""
+    if Path(raw).exists() and not Path(raw).is_dir():
+        raise argparse.ArgumentTypeError(f"--flight-dir {raw} is a file, not a directory: give "
+                                         "the ranks' hang dump directory")
+    return raw
+
+
 def _prepare_out(raw: str) -> str | None:
     """Create ``--out`` and write a file in it before anything starts; the error, or None."""
     path = Path(raw)
@@ -209,10 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--stacks", action="store_true",
                         help="fetch the culprit's engine-thread stack from /debug/stacks")
     doctor.add_argument("--json", action="store_true", help="print the verdict as JSON")
-    doctor.add_argument("--bundle", metavar="OUT.tar.gz", default=None,
+    doctor.add_argument("--bundle", metavar="OUT.tar.gz", default=None, type=_bundle_path,
                         help="also write the verdict, every rank's flight-recorder hang dump "
                              "and their cross-rank analysis into one .tar.gz")
-    doctor.add_argument("--flight-dir", default=None,
+    doctor.add_argument("--flight-dir", default=None, type=_dump_dir,
                         help="where the ranks write hang dumps (default: "
                              "$INSTRUMENTED_CORE_FLIGHT_DIR, else flight/ next to the spans file)")
 
@@ -221,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 the DP collective sequences agree; 2 they diverge, or bad input")
     analyze.add_argument("source", help="the flight dump directory (default location: flight/ "
                          "next to the spans file) or a bundle written by --bundle")
-    analyze.add_argument("--bundle", metavar="OUT.tar.gz", default=None,
+    analyze.add_argument("--bundle", metavar="OUT.tar.gz", default=None, type=_bundle_path,
                          help="also write every dump and the analysis into one .tar.gz")
     analyze.add_argument("--json", action="store_true", help="print the analysis as JSON")
     return parser
