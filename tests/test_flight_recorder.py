@@ -365,3 +365,22 @@ def test_watchdog_settings_and_the_default_dump_directory(tmp_path):
     cfg = TelemetryConfig.from_env({ENV_WATCHDOG: "off", ENV_FLIGHT_DIR: str(tmp_path / "d")})
     assert not cfg.watchdog and cfg.flight_dump_dir == tmp_path / "d"
     assert TelemetryConfig.from_env({ENV_WATCHDOG: "7.5"}).watchdog_seconds == 7.5
+
+
+def test_report_shows_the_analysis_when_the_run_left_dumps(tmp_path):
+    from instrumented_core.report import build_report
+
+    quiet = tmp_path / "quiet"
+    assert "No hang dumps" in build_report(quiet).read_text()
+    hung = tmp_path / "hung"
+    (hung / "flight").mkdir(parents=True)
+    scripts = CASES["#36594 on the CPU cluster: rank 0 in the barrier, the woken rank inside "
+                    "a step"][0]
+    for r, script in enumerate(scripts):
+        d = dump_of(r, 2, script)
+        d.pop("_source")
+        (hung / "flight" / f"flight-rank{r:04d}-1-1.json").write_text(json.dumps(d))
+    page = build_report(hung).read_text()
+    assert 'id="flight-verdict"' in page
+    assert "DP collective #4: rank 0 in barrier; rank 1 never entered it" in page
+    assert "START_DP_WAVE (wave 3)" in page
