@@ -117,7 +117,7 @@ def test_stalled_then_killed_rank_its_dump_is_in_the_bundle_with_its_stack(tmp_p
 
 
 def test_randomized_schedules_and_a_normal_staggered_pause_leave_no_dump(tmp_path):
-    cfg = config(tmp_path / "random", 3, hang_timeout=15)
+    cfg = config(tmp_path / "random", 3, watchdog=3.0, hang_timeout=15)
     with Cluster(cfg) as cluster:
         for seed in (1, 2):
             check_schedule(cluster, run_random_schedule(cluster, seed, episodes=2))
