@@ -19,7 +19,11 @@ original against the bare original, calls interleaved to cancel drift:
     step, else against its model collectives alone (``COLLECTIVES_PER_STEP`` x the Gloo
     all-gather: a lower bound of the step);
 (d) one scrape of the worker board (``read_board`` and the ``/metrics`` collector) with 8 live
-    worker processes' records: paid by the engine core's metrics thread, not by any step.
+    worker processes' records: paid by the engine core's metrics thread, not by any step;
+(e) the flight recorder (issue 14) behind the probe, its ring full (every append evicts): its
+    work per non-sync step (the step count) against the step of (c), and per sync round (the
+    sequence number and two ring events) against a real 2-process Gloo all-reduce of the 2 ints
+    ``sync_dp_state`` reduces, measured in the same run.
 """
 
 from __future__ import annotations
@@ -348,6 +352,44 @@ def scrape(quick: bool, workers: BoardWorkers) -> dict:
     return times
 
 
+# -- (e) the flight recorder ---------------------------------------------------------------------
+
+def flight(quick: bool) -> dict:
+    from instrumented_core.telemetry import names as n
+    from instrumented_core.telemetry.flight_recorder import FlightRecorder
+
+    number = 20_000 if quick else 100_000
+    rounds = 5 if quick else 11
+    rec = FlightRecorder(0, 2)
+    for _ in range(rec.capacity):
+        rec.record("utility", {"method": "fill"})
+    step, sync = n.COLLECTIVE_STEP, n.COLLECTIVE_SYNC
+
+    def empty():
+        pass
+
+    def per_step():
+        rec.enter(step)
+        rec.exit(step, 0.001)
+
+    def per_sync_round():
+        rec.enter(sync)
+        rec.sync_result(True, False, True, 0, 0.0001)
+
+    before = (rec.step_seq, rec.dp_seq)
+    runs = interleaved({
+        "empty": lambda: per_call_seconds(empty, number),
+        "step": lambda: per_call_seconds(per_step, number),
+        "sync_round": lambda: per_call_seconds(per_sync_round, number),
+    }, rounds)
+    if rec.step_seq - before[0] < number or rec.dp_seq - before[1] < number:
+        raise RuntimeError("the flight recorder did not record what was timed")
+    times = {k: median(v) * 1e6 for k, v in runs.items()}
+    log(f"hooks flight: per step {times['step'] - times['empty']:.3f} us, per sync round "
+        f"{times['sync_round'] - times['empty']:.3f} us")
+    return {"us": times, "number": number, "rounds": rounds}
+
+
 # -- section ------------------------------------------------------------------------------------
 
 def run(quick: bool, vllm: dict | None = None) -> dict:
@@ -356,9 +398,11 @@ def run(quick: bool, vllm: dict | None = None) -> dict:
     from benchmarks.overhead import GlooAllReduce
 
     gloo = GlooAllReduce(quick, op="all_gather_64f")
+    sync_gloo = GlooAllReduce(quick)  # the sync_dp_state all-reduce: 2 int32, SUM
     workers = BoardWorkers(tempdir(prefix="bench-board-scrape-"))
     try:
         gloo.wait_ready()
+        sync_gloo.wait_ready()
         workers.wait_ready()
         log("hooks: step wrapper and worker hooks vs the bare originals (interleaved)")
         m = micro(quick, tempdir(prefix="bench-board-hooks-"))
@@ -367,8 +411,12 @@ def run(quick: bool, vllm: dict | None = None) -> dict:
         log("hooks: 2-process Gloo all_gather of 64 floats")
         ag = gloo.measure()
         log(f"hooks: all_gather p50 {ag['p50']:.1f} us, p99 {ag['p99']:.1f} us")
+        fl = flight(quick)
+        ar = sync_gloo.measure()
+        log(f"hooks: sync all_reduce p50 {ar['p50']:.1f} us, p99 {ar['p99']:.1f} us")
     finally:
         gloo.close()
+        sync_gloo.close()
         workers.close()
     t = m["us"]
     step_added = t["step_wrapped"] - t["step_bare"]
@@ -438,4 +486,26 @@ def run(quick: bool, vllm: dict | None = None) -> dict:
          under_2us=bool(met_coll_abs), under_5pct=bool(met_coll_rel),
          board_write_us=board_coll,
          note="instrumented = the whole installed hook per collective (wrapper + board write)")
-    return {"micro": t, "allgather": ag, "scrape": scraped}
+    f = fl["us"]
+    fl_step = f["step"] - f["empty"]
+    fl_sync = f["sync_round"] - f["empty"]
+    floop = f"{fl['rounds']} interleaved rounds of {fl['number']:,} calls, median, ring full"
+    emit("overhead.micro.flight_recorder_per_step", "us", baseline=step_us, instrumented=fl_step,
+         ratio=fl_step / step_us, reference=step_ref,
+         note="FlightRecorder.enter/exit('step') (the probe's added work per non-sync step: "
+              "the step count, no ring event); " + floop)
+    emit("overhead.micro.flight_recorder_per_sync_round", "us", baseline=ar["p50"],
+         instrumented=fl_sync, ratio=fl_sync / ar["p50"], allreduce_p99_us=ar["p99"],
+         note="FlightRecorder.enter('sync_dp_state') + sync_result (sequence number, 2 ring "
+              "events with the votes) vs a 2-process Gloo all_reduce of 2 int32 (p50, same "
+              "run); " + floop)
+    met = fl_step < STEP_GOAL_US and fl_step < STEP_GOAL_FRACTION * step_us
+    emit("goal.flight_recorder_per_step_under_1pct_and_2us", "us", baseline=step_us,
+         instrumented=fl_step, ratio=fl_step / step_us, goal="added < 1% of a step and < 2 us",
+         goal_met=bool(met), reference=step_ref)
+    met = fl_sync < COLLECTIVE_GOAL_FRACTION * ar["p50"]
+    emit("goal.flight_recorder_per_sync_round_under_5pct_of_allreduce", "us",
+         baseline=ar["p50"], instrumented=fl_sync, ratio=fl_sync / ar["p50"],
+         goal="added per sync round < 5% of the Gloo sync all-reduce (p50, DP 2)",
+         goal_met=bool(met))
+    return {"micro": t, "allgather": ag, "scrape": scraped, "flight": fl, "allreduce": ar}

@@ -1,4 +1,4 @@
-"""The ``instrumented-core`` command line: ``demo``, ``doctor`` and ``ops export``."""
+"""The ``instrumented-core`` command line: ``demo``, ``doctor``, ``analyze`` and ``ops export``."""
 
 from __future__ import annotations
 
@@ -100,6 +100,27 @@ def _out_dir(raw: str) -> str:
                 raise argparse.ArgumentTypeError(f"--out {raw} {what}, not a directory: give a "
                                                  "directory (it is created if missing)")
             break
+    return raw
+
+
+def _bundle_path(raw: str) -> str:
+    """Where a ``--bundle`` goes: a file in an existing directory (checked before anything
+    runs, so a typo costs no scrape)."""
+    path = Path(raw)
+    if not raw.strip() or path.is_dir():
+        raise argparse.ArgumentTypeError(f"--bundle {raw!r} is not a file name: give e.g. "
+                                         "incident.tar.gz")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"--bundle {raw}: its directory {path.parent} does "
+                                         "not exist: create it or write the bundle elsewhere")
+    return raw
+
+
+def _dump_dir(raw: str) -> str:
+    """``--flight-dir``: a directory (a missing one means no dumps, not an error)."""
+    if Path(raw).exists() and not Path(raw).is_dir():
+        raise argparse.ArgumentTypeError(f"--flight-dir {raw} is a file, not a directory: give "
+                                         "the ranks' hang dump directory")
     return raw
 
 
@@ -209,6 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--stacks", action="store_true",
                         help="fetch the culprit's engine-thread stack from /debug/stacks")
     doctor.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    doctor.add_argument("--bundle", metavar="OUT.tar.gz", default=None, type=_bundle_path,
+                        help="also write the verdict, every rank's flight-recorder hang dump "
+                             "and their cross-rank analysis into one .tar.gz")
+    doctor.add_argument("--flight-dir", default=None, type=_dump_dir,
+                        help="where the ranks write hang dumps (default: "
+                             "$INSTRUMENTED_CORE_FLIGHT_DIR, else flight/ next to the spans file)")
+
+    analyze = sub.add_parser(
+        "analyze", help="merge the ranks' flight-recorder hang dumps into one cross-rank verdict",
+        epilog="exit codes: 0 the DP collective sequences agree; 2 they diverge, or bad input")
+    analyze.add_argument("source", help="the flight dump directory (default location: flight/ "
+                         "next to the spans file) or a bundle written by --bundle")
+    analyze.add_argument("--bundle", metavar="OUT.tar.gz", default=None, type=_bundle_path,
+                         help="also write every dump and the analysis into one .tar.gz")
+    analyze.add_argument("--json", action="store_true", help="print the analysis as JSON")
 
     from instrumented_core.ops.cli import add_parser as add_ops_parser
 
@@ -235,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "analyze":
+            return _analyze(args)
         return _doctor(args)
     except (ClusterConfigError, TelemetryConfigError, ProtocolError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -273,12 +311,65 @@ def _doctor(args) -> int:
 
     report = run_doctor(targets=args.targets, prometheus=args.prometheus, threshold=args.threshold,
                         stacks=args.stacks, selector=args.selector)
+    verdict_json = json.dumps({**report.verdict.as_dict(), "elapsed_seconds": report.elapsed,
+                               "stacks": report.stacks})
     if args.json:
-        print(json.dumps({**report.verdict.as_dict(), "elapsed_seconds": report.elapsed,
-                          "stacks": report.stacks}))
+        print(verdict_json)
     else:
         print(report.render())
+    if args.bundle:
+        _doctor_bundle(args, report.render(), verdict_json)
     return report.exit_code
+
+
+def _doctor_bundle(args, text: str, verdict_json: str) -> None:
+    """The live verdict plus the hang dumps and their analysis, in one file; the dumps' side
+    says on stderr what it found (no dump is a fact, not an error)."""
+    from instrumented_core.flight_analysis import (
+        FlightInputError,
+        analyze,
+        load_dumps,
+        write_bundle,
+    )
+    from instrumented_core.telemetry.config import TelemetryConfig
+
+    source = args.flight_dir or str(TelemetryConfig.from_env().flight_dump_dir)
+    try:
+        dumps = load_dumps(source)
+    except FlightInputError as e:
+        dumps, note = [], str(e)
+    result = analyze(dumps) if dumps else None
+    if result is not None:
+        note = f"{len(dumps)} hang dumps; {result.divergence or 'no divergence'}"
+        if not args.json:
+            print(result.render())
+    write_bundle(dumps, result, args.bundle,
+                 extra={"doctor.txt": text + "\n", "doctor.json": verdict_json})
+    print(f"bundle: {args.bundle} ({note})", file=sys.stderr)
+
+
+def _analyze(args) -> int:
+    import json
+
+    from instrumented_core.flight_analysis import (
+        FlightInputError,
+        analyze,
+        load_dumps,
+        write_bundle,
+    )
+
+    try:
+        dumps = load_dumps(args.source)
+        result = analyze(dumps)
+        if args.bundle:
+            write_bundle(dumps, result, args.bundle)
+    except (FlightInputError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict()) if args.json else result.render())
+    if args.bundle and not args.json:
+        print(f"bundle: {args.bundle}")
+    return 2 if result.divergence_seq is not None else 0
 
 
 if __name__ == "__main__":

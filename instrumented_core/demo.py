@@ -14,7 +14,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from instrumented_core.cluster import Cluster, ClusterConfig, CollectiveHang
@@ -22,7 +22,7 @@ from instrumented_core.cluster.scenarios import staggered_barrier_with_request
 from instrumented_core.diagnosis import verdict_matches
 from instrumented_core.doctor import run_doctor
 from instrumented_core.recorder import Recorder
-from instrumented_core.run_files import REPORT, SPANS, SUMMARY
+from instrumented_core.run_files import FLIGHT_DIR, REPORT, SPANS, SUMMARY
 from instrumented_core.telemetry import TelemetryConfig
 
 
@@ -94,6 +94,10 @@ class Traffic:
 
 #: Faults that hit every rank at once (injected on all ranks, no culprit to name).
 GROUP_FAULTS = ("wedge",)
+#: The ranks' watchdog threshold in the demo (unless set in the environment): above the
+#: story's 1.5 s staggered barrier, below its 6 s hang timeout, so a hang leaves its dumps
+#: (and report.html its flight-recorder analysis) before the cluster is stopped.
+DEMO_WATCHDOG_SECONDS = 3.0
 
 
 def _expected(options: DemoOptions, fault_rank: int) -> tuple[str, list[int]]:
@@ -149,9 +153,14 @@ def run_demo(options: DemoOptions, out=print) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in (SUMMARY, SPANS, REPORT):
         (out_dir / stale).unlink(missing_ok=True)
+    for dump in (out_dir / FLIGHT_DIR).glob("flight-rank*.json"):
+        dump.unlink()  # an earlier run's hang dumps
     telemetry = TelemetryConfig.from_env(metrics_port_base=options.metrics_port_base,
                                          spans_file=str(out_dir / SPANS),
-                                         debug_endpoint=options.debug_endpoint or None)
+                                         debug_endpoint=options.debug_endpoint or None,
+                                         flight_dir=str(out_dir / FLIGHT_DIR))
+    if telemetry.watchdog_seconds is None:  # the story's hang must dump before it ends
+        telemetry = replace(telemetry, watchdog_seconds=DEMO_WATCHDOG_SECONDS)
     config = ClusterConfig(ranks=options.ranks, protocol=options.protocol,
                            cadence=options.cadence, sync_interval=options.sync_interval,
                            hang_timeout=6.0, telemetry=telemetry,

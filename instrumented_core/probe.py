@@ -50,6 +50,9 @@ class Probe:
 
     def progress(self) -> None: ...
 
+    def utility_call(self, method: str) -> None:
+        """A client utility call (by method name) is handled on the engine thread."""
+
     def shutdown(self) -> None: ...
 
 

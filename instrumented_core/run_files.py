@@ -6,7 +6,7 @@ report reads them all back; each spells a name through these constants only.
 
 from __future__ import annotations
 
-__all__ = ["EVENTS", "METRICS_DIR", "REPORT", "SPANS", "SUMMARY", "TIMELINE", "rank_exposition"]
+__all__ = ["EVENTS", "FLIGHT_DIR", "METRICS_DIR", "REPORT", "SPANS", "SUMMARY", "TIMELINE", "rank_exposition"]
 
 SUMMARY = "summary.json"  # verdict, expected verdict, run facts
 SPANS = "spans.jsonl"  # every rank's spans (the demo's span file)
@@ -14,6 +14,7 @@ REPORT = "report.html"  # the self-contained page
 EVENTS = "events.jsonl"  # the story's steps and notes
 TIMELINE = "timeline.jsonl"  # the recorder's per-rank scrapes of /metrics
 METRICS_DIR = "metrics"  # final per-rank exposition text
+FLIGHT_DIR = "flight"  # the ranks' flight-recorder hang dumps (instrumented-core analyze)
 
 
 def rank_exposition(rank: int) -> str:

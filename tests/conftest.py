@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 
 import pytest
 
 from tests.helpers import require_vllm
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _flight_dumps_in_a_temporary_directory(tmp_path_factory):
+    """Ranks started by a test without its own flight dump directory (vLLM engines read the
+    environment) write their hang dumps here, not next to a spans file in the checkout."""
+    key = "INSTRUMENTED_CORE_FLIGHT_DIR"
+    saved = os.environ.get(key)
+    os.environ.setdefault(key, str(tmp_path_factory.mktemp("flight")))
+    yield
+    if saved is None:
+        os.environ.pop(key, None)
 
 
 @pytest.fixture(autouse=True, scope="module")

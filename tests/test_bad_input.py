@@ -139,6 +139,12 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     # demo --out
     "demo --out a file": (["demo", "--out", "{file}"], 2, "is a file, not a directory"),
     "demo --out under a file": (["demo", "--out", "{file}/sub"], 2, "is under a file"),
+    "doctor --bundle in a missing directory": (
+        ["doctor", "--targets", "127.0.0.1:1", "--bundle", "{file}/x.tar.gz"], 2,
+        "does not exist"),
+    "doctor --flight-dir a file": (
+        ["doctor", "--targets", "127.0.0.1:1", "--flight-dir", "{file}"], 2,
+        "is a file, not a directory"),
     "demo --out cannot be created": (["demo", "--out", "/proc/instrumented-core/out"], 2,
                                      "cannot be used"),
     "demo --out empty": (["demo", "--out", ""], 2, "--out is empty"),

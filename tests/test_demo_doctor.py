@@ -53,6 +53,12 @@ def test_demo_verdict_names_the_injected_fault(tmp_path, args, verdict, culprits
     assert (out / "spans.jsonl").read_text().count('"dp.pause"') >= 1
     assert "metrics: http://127.0.0.1:" in result.stdout
     assert f"verdict: {verdict}" in result.stdout
+    page = (out / "report.html").read_text()
+    if "legacy" in args:  # the hang left dumps; the page shows the flight-recorder analysis
+        assert 'id="flight-verdict"' in page and "rank 0 in barrier" in page
+        assert "START_DP_WAVE" in page
+    if "none" in args:  # a normal run: pauses and a staggered barrier, no dump
+        assert "No hang dumps" in page and not list((out / "flight").glob("*.json"))
 
 
 def test_demo_exits_non_zero_with_one_line_when_the_story_goes_wrong(tmp_path):

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from instrumented_core.doctor import run_doctor
+from instrumented_core.flight_analysis import analyze, load_dumps
 from instrumented_core.telemetry import names as n
 from tests.vllm_helpers import (
     PROMPTS,
@@ -70,8 +71,10 @@ def test_stall_in_one_ranks_sync_round_is_seen_by_its_peer_and_named_by_doctor()
         engine.close()
 
 
-def test_legacy_one_phase_pause_hangs_and_doctor_names_the_ranks():
-    engine = VllmEngine({"IC_LEGACY_ONE_PHASE_PAUSE": "1"}, cpu_timeout=25)
+def test_legacy_one_phase_pause_hangs_and_doctor_names_the_ranks(tmp_path):
+    flight = tmp_path / "flight"  # each rank's watchdog dumps here, unasked (issue 14)
+    engine = VllmEngine({"IC_LEGACY_ONE_PHASE_PAUSE": "1", "INSTRUMENTED_CORE_FLIGHT_DIR":
+                         str(flight), "INSTRUMENTED_CORE_WATCHDOG_SECONDS": "2"}, cpu_timeout=25)
     try:
         engine.start()
         engine.wait_metrics(30)
@@ -107,6 +110,15 @@ def test_legacy_one_phase_pause_hangs_and_doctor_names_the_ranks():
         assert report.verdict.victims == [0], report.render()
         text = report.render()
         assert "barrier" in text
+        # the flight recorder: both ranks dumped on their own; one analysis of the directory
+        # names the first divergent DP collective and the START_DP_WAVE that woke rank 1
+        wait_for(lambda: len({p.name[:15] for p in flight.glob("flight-rank*.json")}) == 2
+                 or None, 10, "a hang dump from each rank")
+        result = analyze(load_dumps(flight))
+        assert result.divergence.startswith("DP collective #"), result.render()
+        assert "rank 0 in barrier" in result.divergence, result.render()
+        assert result.culprits == [1] and result.victims == [0], result.render()
+        assert "START_DP_WAVE" in result.cause and "by rank 1" in result.cause, result.render()
         for task in (b0, routed):
             task.cancel()
     finally:

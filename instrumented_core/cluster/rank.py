@@ -168,6 +168,7 @@ class RankEngine:
             self.coordinator.put((msg.START_WAVE, sm.current_wave, self.rank))
 
     def _utility(self, call_id: int, method: str, args: tuple) -> None:
+        self.probe.utility_call(method)
         try:
             handler = getattr(self, "utility_" + method)
         except AttributeError:

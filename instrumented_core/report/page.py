@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from instrumented_core.report.data import RunData, _int, load_run
+from instrumented_core.report.flight import flight_section
 from instrumented_core.report.sections import (
     _banner,
     _empty,
@@ -88,6 +89,7 @@ def render(data: RunData) -> str:
     if data.notes:
         body.append('<ul class="notes">' + "".join(f"<li>{esc(x)}</li>" for x in data.notes)
                     + "</ul>")
+    body.append(flight_section(data.out_dir))
     body.append('<h2 id="phases">Pause phase per rank</h2>')
     body.append('<p class="note">Scraped from each rank\'s <code>/metrics</code> every 0.25 s; '
                 "the short pending phases come from the <code>" + esc(n.SPAN_PENDING)

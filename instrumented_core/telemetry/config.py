@@ -28,6 +28,11 @@ ENV_DEBUG_REMOTE = "INSTRUMENTED_CORE_DEBUG_ENDPOINT_REMOTE"
 ENV_SPANS_FILE = "INSTRUMENTED_CORE_SPANS_FILE"
 ENV_SPANS_FILE_MAX_BYTES = "INSTRUMENTED_CORE_SPANS_FILE_MAX_BYTES"
 ENV_MODEL_NAME = "INSTRUMENTED_CORE_MODEL_NAME"
+#: Where the flight recorder's watchdog writes hang dumps (default: ``flight/`` next to the
+#: spans file) and after how many seconds stuck it writes one (unset: derived from the rank's
+#: p99 sync wait with a floor; ``off``: no watchdog).
+ENV_FLIGHT_DIR = "INSTRUMENTED_CORE_FLIGHT_DIR"
+ENV_WATCHDOG = "INSTRUMENTED_CORE_WATCHDOG_SECONDS"
 
 DEFAULT_PORT_BASE = 8100
 DEFAULT_HOST = "127.0.0.1"
@@ -129,6 +134,9 @@ class TelemetryConfig:
     otlp_endpoint: str | None = None  # full URL for traces
     otlp_protocol: str = "http/protobuf"
     extra_resource: Mapping[str, str] = field(default_factory=dict)
+    flight_dir: str | None = None  # None: flight/ next to the spans file
+    watchdog: bool = True
+    watchdog_seconds: float | None = None  # None: derived from the measured p99 sync wait
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, vllm: bool = False,
@@ -163,6 +171,18 @@ class TelemetryConfig:
                     "(0 never rotates)") from None
         if env.get(ENV_MODEL_NAME):
             kw["model_name"] = env[ENV_MODEL_NAME]
+        if env.get(ENV_FLIGHT_DIR):
+            kw["flight_dir"] = env[ENV_FLIGHT_DIR]
+        raw = (env.get(ENV_WATCHDOG) or "").strip().lower()
+        if raw in ("off", "0", "false", "no"):
+            kw["watchdog"] = False
+        elif raw:
+            try:
+                kw["watchdog_seconds"] = float(raw)
+            except ValueError:
+                raise TelemetryConfigError(
+                    f"{ENV_WATCHDOG}={raw!r} is not a number of seconds: use e.g. 30, or off "
+                    "(unset: derived from the rank's p99 sync wait)") from None
         if env.get("OTEL_SERVICE_NAME"):
             kw["service_name"] = env["OTEL_SERVICE_NAME"]
         traces_protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
@@ -221,6 +241,16 @@ class TelemetryConfig:
                                        f"use {' or '.join(OTLP_PROTOCOLS)}")
         if self.otlp_endpoint:
             check_endpoint(self.otlp_endpoint, "OTLP endpoint", self.otlp_protocol)
+        if self.watchdog_seconds is not None and not self.watchdog_seconds > 0:
+            raise TelemetryConfigError(f"watchdog threshold {self.watchdog_seconds} s must be > "
+                                       f"0: use e.g. 30, or {ENV_WATCHDOG}=off")
+
+    @property
+    def flight_dump_dir(self) -> Path:
+        """The hang dumps' directory: configured, else ``flight/`` beside the spans file."""
+        if self.flight_dir:
+            return Path(self.flight_dir)
+        return Path(self.spans_file).resolve().parent / "flight"
 
     def port_for(self, rank: int) -> int:
         return 0 if self.metrics_port_base == 0 else self.metrics_port_base + rank

@@ -52,6 +52,9 @@ WORKER_CALL_INSIDE = "vllm_dp_worker_call_inside_seconds"
 WORKER_MODEL_COLLECTIVE_INSIDE = "vllm_dp_worker_model_collective_inside_seconds"
 WORKER_HEARTBEAT_AGE = "vllm_dp_worker_heartbeat_age_seconds"  # frozen process: grows
 WORKER_POSITION = "vllm_dp_worker_position"  # exposed as vllm_dp_worker_position_info
+# Flight recorder (issue 14): the rank's DP collective sequence number (collectives of
+# DP_SEQUENCED_COLLECTIVES entered so far; skew between ranks = a drifted or hung rank).
+DP_COLLECTIVE_SEQ = "vllm_dp_collective_sequence"
 # Counters (exposed with a `_total` suffix)
 STEPS = "vllm_dp_steps"
 SYNC_ROUNDS = "vllm_dp_sync_rounds"
@@ -70,6 +73,7 @@ WORKER_CALLS = "vllm_dp_worker_calls"  # engine-to-worker calls completed
 WORKER_CALL_SECONDS = "vllm_dp_worker_call_seconds"  # seconds inside them
 WORKER_MODEL_COLLECTIVES = "vllm_dp_worker_model_collectives"  # entered: the sequence number
 WORKER_MODEL_COLLECTIVE_SECONDS = "vllm_dp_worker_model_collective_seconds"
+FLIGHT_DUMPS = "vllm_dp_flight_dumps"  # hang dumps the rank's watchdog wrote
 # Histograms (the first two carry the pause's trace as an OpenMetrics exemplar)
 SYNC_WAIT = "vllm_dp_sync_wait_seconds"
 PAUSE_CONSENSUS_LATENCY = "vllm_dp_pause_consensus_latency_seconds"
@@ -103,6 +107,12 @@ COLLECTIVES = (COLLECTIVE_SYNC, COLLECTIVE_STEP, COLLECTIVE_BARRIER, COLLECTIVE_
 #: Collectives across DP ranks: every rank must enter them, so a rank outside one that its
 #: peers wait in is the culprit.
 CROSS_RANK_COLLECTIVES = (COLLECTIVE_SYNC, COLLECTIVE_BARRIER, COLLECTIVE_RESUME)
+#: Collectives that take a number in a rank's DP collective sequence: every rank enters each
+#: of them, in the same order, so the n-th entry must be the same kind on every rank (the
+#: flight recorder's analysis names the first n where it is not). The per-step model
+#: collective keeps its own count (``step``): a paused rank takes none.
+DP_SEQUENCED_COLLECTIVES = (COLLECTIVE_SYNC, COLLECTIVE_RESUME, COLLECTIVE_BARRIER,
+                            COLLECTIVE_RPC)
 #: Calls from a rank's engine core to its OWN workers: the rank still inside one while its
 #: peers have returned from theirs is the slow one (never its peers).
 ENGINE_TO_WORKER_CALLS = (COLLECTIVE_STEP, COLLECTIVE_RPC)
@@ -116,6 +126,7 @@ SIGNALS = ("spans",)
 #: ``where`` of vllm_dp_telemetry_errors_total: a probe method, or a gauge read at scrape time.
 TELEMETRY_ERROR_SITES = ("attach", "pause_requested", "phase_changed", "sync_begin", "sync_end",
                          "consensus", "start_dp_wave", "resumed", "request_finished",
+                         "wave_changed", "utility_call",
                          "step_end", "collective_begin", "collective_end", "progress",
                          "shutdown", "scrape")
 #: ``reason`` of vllm_dp_plugin_active: ok / unknown_version (active, 1); the others 0.
@@ -142,6 +153,7 @@ SUFFIXED_COUNTERS = tuple(
         TELEMETRY_ERRORS,
         WORKER_CALLS,
         WORKER_MODEL_COLLECTIVES,
+        FLIGHT_DUMPS,
     )
 ) + (COLLECTIVE_WAIT + "_total", WORKER_CALL_SECONDS + "_total",
      WORKER_MODEL_COLLECTIVE_SECONDS + "_total")
@@ -162,6 +174,7 @@ WORKER_CALLS_TOTAL = WORKER_CALLS + "_total"
 WORKER_CALL_SECONDS_TOTAL = WORKER_CALL_SECONDS + "_total"
 WORKER_MODEL_COLLECTIVES_TOTAL = WORKER_MODEL_COLLECTIVES + "_total"
 WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL = WORKER_MODEL_COLLECTIVE_SECONDS + "_total"
+FLIGHT_DUMPS_TOTAL = FLIGHT_DUMPS + "_total"
 INFO_SERIES = INFO + "_info"
 WORKER_POSITION_INFO = WORKER_POSITION + "_info"
 
@@ -185,6 +198,7 @@ GAUGES = (
     WORKER_CALL_INSIDE,
     WORKER_MODEL_COLLECTIVE_INSIDE,
     WORKER_HEARTBEAT_AGE,
+    DP_COLLECTIVE_SEQ,
 )
 
 
@@ -212,6 +226,10 @@ EVENT_CONSENSUS = "dp.consensus"
 EVENT_START_DP_WAVE_IGNORED = "dp.start_dp_wave.ignored"
 EVENT_START_DP_WAVE = "dp.start_dp_wave"
 EVENT_RESUME = "dp.resume"
+SPAN_FLIGHT_DUMP = "dp.flight_dump"  # the watchdog wrote a hang dump (one per incident)
+ATTR_DUMP_PATH = "vllm.dp.flight.dump_path"
+ATTR_DUMP_REASON = "vllm.dp.flight.reason"
+ATTR_DP_SEQ = "vllm.dp.collective_sequence"
 
 ATTR_RANK = "vllm.dp.rank"
 ATTR_DP_SIZE = "vllm.dp.size"

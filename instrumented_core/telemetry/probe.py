@@ -25,6 +25,7 @@ from typing import Any
 
 from instrumented_core.probe import NULL_PROBE, Probe  # noqa: F401 - re-exported
 from instrumented_core.protocol import Phase, SyncResult, is_sync_step, steps_until_sync
+from instrumented_core.telemetry import flight_recorder as fr
 from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.metrics import HotPathState, trace_exemplar
 
@@ -106,6 +107,8 @@ class TelemetryProbe(Probe):
         self._sync_rounds_to_record: deque[tuple] = deque(maxlen=MAX_SYNC_ROUND_EVENTS)
         self._shutdown_lock = threading.Lock()
         self._shut_down = False
+        #: sequence numbers and the last protocol events (issue 14), read by the watchdog
+        self.flight = fr.FlightRecorder(rank, dp_size)
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -186,6 +189,7 @@ class TelemetryProbe(Probe):
         self._mode = mode
         self._pause_started_at = time.time()
         self._pause_started_step = self.steps_total
+        self.flight.record(fr.EV_PAUSE, {"mode": mode})
         if self.metrics is not None:
             self.metrics.pause_requests[mode].inc()
         if self._tracer is not None and self._pause_span is None:
@@ -230,6 +234,7 @@ class TelemetryProbe(Probe):
     @_guarded
     def phase_changed(self, old: Phase, new: Phase) -> None:
         now = time.time()
+        self.flight.phase_changed(old.value, new.value)
         m = self.metrics
         if m is not None:
             m.phase.set(n.PHASE_CODES[new.value])
@@ -266,6 +271,7 @@ class TelemetryProbe(Probe):
     @_guarded
     def sync_begin(self, local_unfinished: bool, local_pause: bool) -> None:
         self.hot.inside_since[n.COLLECTIVE_SYNC] = time.time()
+        self.flight.enter(n.COLLECTIVE_SYNC)
         if self.metrics is not None:
             state = self._state
             if getattr(state, "fast_sync", False) and not is_sync_step(
@@ -279,6 +285,9 @@ class TelemetryProbe(Probe):
         hot.inside_since[n.COLLECTIVE_SYNC] = 0.0
         hot.wait_seconds[n.COLLECTIVE_SYNC] += seconds
         hot.last_progress = time.time()
+        local_unfinished, local_pause = getattr(self, "_sync_local", (False, False))
+        self.flight.sync_result(local_unfinished, local_pause, result.global_unfinished,
+                                result.pause_votes, seconds)
         m = self.metrics
         if m is not None:
             m.sync_rounds.inc()
@@ -288,18 +297,19 @@ class TelemetryProbe(Probe):
             # kept as a tuple now, made a span event when the span next changes: an event
             # costs several microseconds, a round of a pending pause should not (and a span
             # is exported only when it ends anyway)
-            local_unfinished, local_pause = getattr(self, "_sync_local", (False, False))
             self._sync_rounds_to_record.append((
                 time.time_ns(), int(getattr(self._state, "sync_rounds", 0)), local_unfinished,
                 local_pause, result, seconds))
 
     @_guarded
     def consensus(self) -> None:
+        self.flight.record(fr.EV_CONSENSUS)
         if self.metrics is not None:
             self.metrics.pause_consensus.inc()
 
     @_guarded
     def start_dp_wave(self, wave: int, exclude: object, outcome: str) -> None:
+        self.flight.start_dp_wave(wave, exclude, outcome)
         if self.metrics is not None:
             self.metrics.start_dp_wave[outcome].inc()
         span = self._phase_span or self._pause_span
@@ -312,6 +322,7 @@ class TelemetryProbe(Probe):
     @_guarded
     def resumed(self) -> None:
         self.hot.last_progress = time.time()
+        self.flight.record(fr.EV_RESUMED)
         if self.metrics is not None:
             self.metrics.resumes.inc()
         if self._pause_span is not None:
@@ -335,6 +346,7 @@ class TelemetryProbe(Probe):
     def collective_begin(self, collective: str) -> None:
         try:
             self.hot.inside_since[collective] = time.time()
+            self.flight.enter(collective)
         except Exception:  # noqa: BLE001 - counted and logged by _telemetry_error
             self._telemetry_error("collective_begin")
 
@@ -344,8 +356,17 @@ class TelemetryProbe(Probe):
             total = hot.wait_seconds.get(collective, 0.0) + float(seconds)
             hot.inside_since[collective] = 0.0
             hot.wait_seconds[collective] = total
+            self.flight.exit(collective, seconds)
         except Exception:  # noqa: BLE001 - counted and logged by _telemetry_error
             self._telemetry_error("collective_end")
+
+    @_guarded
+    def wave_changed(self, wave: int) -> None:
+        self.flight.record(fr.EV_WAVE, {"wave": wave})
+
+    @_guarded
+    def utility_call(self, method: str) -> None:
+        self.flight.record(fr.EV_UTILITY, {"method": method})
 
     def progress(self) -> None:
         try:

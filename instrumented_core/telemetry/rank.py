@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from instrumented_core.probe import NULL_PROBE, Probe
+from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.config import TelemetryConfig
+from instrumented_core.telemetry.flight_recorder import FlightRecorderCollector
 from instrumented_core.telemetry.metrics import RankMetrics, RankRegistry
 from instrumented_core.telemetry.probe import TelemetryProbe
 from instrumented_core.telemetry.server import MetricsServer
@@ -22,6 +25,7 @@ class RankTelemetry:
     probe: Probe
     server: MetricsServer | None
     registry: CollectorRegistry | None
+    watchdog: Any = None  # the flight recorder's watchdog (telemetry.watchdog.Watchdog)
 
     @property
     def metrics_url(self) -> str | None:
@@ -29,6 +33,9 @@ class RankTelemetry:
 
     def close(self) -> None:
         """Idempotent: the engine thread and the cluster's stop watcher may both call it."""
+        watchdog, self.watchdog = self.watchdog, None
+        if watchdog is not None:
+            watchdog.stop()
         self.probe.shutdown()
         server, self.server = self.server, None
         if server is not None:
@@ -55,14 +62,24 @@ def start_rank_telemetry(
     holder: list[TelemetryProbe] = []
     provider = make_tracer_provider(config, rank, dp_size,
                                     on_drop=lambda count: holder[0].dropped(count))
+    watchdog = None
     try:
         probe = TelemetryProbe(rank, dp_size, metrics, provider, group_key=group_key,
                                protocol=protocol, model_name=config.model_name)
         holder.append(probe)
+        registry.register(FlightRecorderCollector(probe.flight, {
+            n.LABEL_ENGINE: str(rank), n.LABEL_MODEL_NAME: config.model_name}))
+        if config.watchdog:
+            from instrumented_core.telemetry.watchdog import Watchdog
+
+            watchdog = Watchdog(probe, config.flight_dump_dir, config.watchdog_seconds,
+                                registry, tracer_provider=provider).start()
         server = MetricsServer(registry, config.metrics_host, config.port_for(rank), rank,
                                config.debug_endpoint)
     except BaseException:
+        if watchdog is not None:
+            watchdog.stop()
         if provider is not None:
             provider.shutdown()
         raise
-    return RankTelemetry(probe, server, registry)
+    return RankTelemetry(probe, server, registry, watchdog)

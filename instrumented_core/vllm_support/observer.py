@@ -142,6 +142,15 @@ class EngineObserver:
         if counters is not None and reason in counters:
             counters[reason].inc()
 
+    def utility_call(self, request: Any) -> None:
+        """A client utility call (``(client, call_id, method, args)``): its method name only,
+        never its arguments, goes to the flight recorder."""
+        try:
+            method = request[2] if isinstance(request, (tuple, list)) else "?"
+            self.probe.utility_call(str(method)[:64])
+        except Exception:  # noqa: BLE001
+            log_once("utility", "instrumented_core: utility call observation failed")
+
     @property
     def phase(self) -> Phase:
         return self._phase.phase

@@ -157,6 +157,8 @@ def _wrap_handle_client_request(orig: Callable, inst: VllmDpInstrumentor) -> Cal
     def _handle_client_request(self, request_type, request, *args, **kwargs):
         obs = observer_of(self)
         if obs is None or request_type != start_dp_wave:
+            if obs is not None and getattr(request_type, "name", "") == "UTILITY":
+                obs.utility_call(request)  # into the flight recorder's ring
             result = orig(self, request_type, request, *args, **kwargs)
             if obs is not None:
                 try:
