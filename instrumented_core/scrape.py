@@ -42,6 +42,7 @@ DIAGNOSIS_SERIES = frozenset({
     n.WORKER_CALL_INSIDE, n.WORKER_MODEL_COLLECTIVE_INSIDE, n.WORKER_HEARTBEAT_AGE,
     n.WORKER_MODEL_COLLECTIVES_TOTAL, n.WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL,
     n.WORKER_POSITION_INFO, n.PAUSE_PENDING_SINCE, n.SYNC_ROUNDS_TOTAL, n.INFO_SERIES,
+    n.PLUGIN_ACTIVE,
 })
 #: What every rank of ours exports; an answer without one of them is not a vLLM DP endpoint
 #: with our plugin (or was cut short).
@@ -153,6 +154,19 @@ def endpoint_problem(sample: RankSample) -> str:
     if phase is None or not _finite(phase) or int(phase) not in PHASE_NAMES:
         return f"vllm_dp_pause_phase is {phase!r}, not a phase code"
     return ""
+
+
+def plugin_off(sample: RankSample) -> tuple[int | None, str] | None:
+    """A rank's status-only endpoint (``vllm_dp_plugin_active`` 0): its engine number and why
+    the plugin is off, e.g. ``contract_mismatch (vLLM 0.20.2)``; None when the plugin is on."""
+    for (series, label_set), value in sample.values.items():
+        if series == n.PLUGIN_ACTIVE and value == 0:
+            labels = dict(label_set)
+            version = labels.get(n.LABEL_VLLM_VERSION)
+            reason = labels.get(n.LABEL_REASON) or "no reason given"
+            return (_engine_number(labels.get(n.LABEL_ENGINE)),
+                    reason + (f" (vLLM {version})" if version else ""))
+    return None
 
 
 def _finite(value: float | None) -> TypeGuard[float]:
@@ -333,6 +347,11 @@ def to_view(sample: RankSample, rank: int, previous: RankSample | None = None) -
     export (NaN, infinities), is a view with ``not_endpoint`` set, never a healthy rank."""
     if not sample.reachable:
         return RankView(rank=rank, reachable=False, source=sample.target)
+    off = plugin_off(sample)
+    if off is not None:
+        engine, reason = off
+        return RankView(rank=rank if engine is None else engine, source=sample.target,
+                        not_endpoint=f"the plugin is off there ({reason})", plugin_off=reason)
     problem = endpoint_problem(sample)
     if not problem:
         try:
