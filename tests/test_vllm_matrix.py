@@ -109,3 +109,19 @@ def test_a_version_that_cannot_install_here_is_one_line_and_exit_2(argv, says, c
     assert matrix.main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_partial_run_keeps_the_readme_cells_it_did_not_run(tmp_path):
+    copy = tmp_path / "README.md"
+    copy.write_text(README.read_text())
+    before = matrix.readme_result(copy)
+    assert matrix.render(before) in copy.read_text()  # the table reads back as it was written
+    first = next(iter(matrix.REAL_CHECKS))
+    later = matrix.Result({"0.28": {first: "FAIL", **{c: "not run" for c in
+                                                       list(matrix.REAL_CHECKS)[1:]}}})
+    matrix.update_readme(matrix.render(matrix.readme_result(copy).merge(later)), copy)
+    after = matrix.readme_result(copy)
+    assert after.status["0.28"][first] == "FAIL"  # what ran is shown
+    assert after.status["0.27"] == before.status["0.27"]  # what did not run is kept
+    assert {c: v for c, v in after.status["0.28"].items() if c != first} == \
+        {c: v for c, v in before.status["0.28"].items() if c != first}

