@@ -102,6 +102,9 @@ class RankView:
     source: str = ""
     #: why the target that answered is not a vLLM DP endpoint of ours (None: it is one)
     not_endpoint: str | None = None
+    #: the plugin is off on this rank (a status-only endpoint): its reason, e.g.
+    #: ``contract_mismatch (vLLM 0.20.2)``; ``rank`` is then the engine that endpoint names
+    plugin_off: str | None = None
     #: the rank's own ``vllm_dp_size``, deployment (``model_name``) and pause protocol
     dp_size: int | None = None
     deployment: str | None = None
@@ -231,8 +234,10 @@ def _doubt(views: list[RankView], threshold: float) -> Verdict | None:
     foreign = [v for v in views if v.reachable and v.not_endpoint]
     ranks = [v for v in views if not v.not_endpoint]
     if foreign:
-        what = "; ".join(f"{v.source or f'target {v.rank}'}: {v.not_endpoint}" for v in foreign)
-        return Verdict("not_dp_endpoint", summary=f"not a vLLM DP endpoint: {what}",
+        what = "; ".join(_foreign(v) for v in foreign)
+        if not all(v.plugin_off for v in foreign):
+            what = f"not a vLLM DP endpoint: {what}"
+        return Verdict("not_dp_endpoint", summary=what,
                        details=[*(f"{v.source or f'target {v.rank}'} answered, but {v.not_endpoint}"
                                   for v in foreign), *_rest(ranks, threshold)])
     known = [v for v in views if v.reachable and v.dp_size is not None]
@@ -273,6 +278,12 @@ def _doubt(views: list[RankView], threshold: float) -> Verdict | None:
         return Verdict("mixed", summary=f"mixed: {len(views)} targets for a DP size of {size} "
                        f"({len(views) - len(known)} of them did not answer)")
     return None
+
+
+def _foreign(v: RankView) -> str:
+    if v.plugin_off:  # our endpoint, but the plugin does not observe that engine
+        return f"plugin off on {_where(v)}: {v.plugin_off}"
+    return f"{v.source or f'target {v.rank}'}: {v.not_endpoint}"
 
 
 def _rest(views: list[RankView], threshold: float) -> list[str]:

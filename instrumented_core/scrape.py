@@ -131,12 +131,10 @@ def endpoint_problem(sample: RankSample) -> str:
     """Why an answering target is not a vLLM DP endpoint of ours ("" when it is one)."""
     if sample.problem:
         return sample.problem
-    off = [dict(labels).get(n.LABEL_REASON, "unknown")
-           for (series, labels), value in sample.values.items()
-           if series == n.PLUGIN_ACTIVE and value == 0]
+    off = plugin_off(sample)
     if off:  # a status-only endpoint: the plugin could not observe this rank, and says why
         return (f"the instrumented_core plugin does not observe this rank "
-                f"(vllm_dp_plugin_active 0, reason {off[0]}); see that rank's log")
+                f"(vllm_dp_plugin_active 0, reason {off[1]}); see that rank's log")
     names = {series for series, _ in sample.values}
     missing = sorted(REQUIRED_SERIES - names)
     if len(missing) == len(REQUIRED_SERIES):
@@ -160,6 +158,19 @@ def endpoint_problem(sample: RankSample) -> str:
     if phase is None or not _finite(phase) or int(phase) not in PHASE_NAMES:
         return f"vllm_dp_pause_phase is {phase!r}, not a phase code"
     return ""
+
+
+def plugin_off(sample: RankSample) -> tuple[int | None, str] | None:
+    """A rank's status-only endpoint (``vllm_dp_plugin_active`` 0): its engine number and why
+    the plugin is off, e.g. ``contract_mismatch (vLLM 0.20.2)``; None when the plugin is on."""
+    for (series, label_set), value in sample.values.items():
+        if series == n.PLUGIN_ACTIVE and value == 0:
+            labels = dict(label_set)
+            version = labels.get(n.LABEL_VLLM_VERSION)
+            reason = labels.get(n.LABEL_REASON) or "no reason given"
+            return (_engine_number(labels.get(n.LABEL_ENGINE)),
+                    reason + (f" (vLLM {version})" if version else ""))
+    return None
 
 
 def _finite(value: float | None) -> TypeGuard[float]:
@@ -340,6 +351,11 @@ def to_view(sample: RankSample, rank: int, previous: RankSample | None = None) -
     export (NaN, infinities), is a view with ``not_endpoint`` set, never a healthy rank."""
     if not sample.reachable:
         return RankView(rank=rank, reachable=False, source=sample.target)
+    off = plugin_off(sample)
+    if off is not None:
+        engine, reason = off
+        return RankView(rank=rank if engine is None else engine, source=sample.target,
+                        not_endpoint=f"the plugin is off there ({reason})", plugin_off=reason)
     problem = endpoint_problem(sample)
     if not problem:
         try:

@@ -183,6 +183,12 @@ CASES = {
          R(1, source="h:8101", not_endpoint="no vllm_dp_ series in its answer")],
         "not_dp_endpoint", [], [], ["not a vLLM DP endpoint", "h:8101",
                                     "no vllm_dp_ series", "among the 1 ranks read: HEALTHY"]),
+    "a rank whose plugin is off (status-only endpoint) is named with the reason": (
+        [R(0, dp_size=2, source="h:8100"),
+         R(1, source="h:8101", not_endpoint="the plugin is off there (contract_mismatch)",
+           plugin_off="contract_mismatch (vLLM 0.20.2)")],
+        "not_dp_endpoint", [], [], ["plugin off on rank 1 (h:8101): contract_mismatch "
+                                    "(vLLM 0.20.2)", "among the 1 ranks read: HEALTHY"]),
     "fewer targets than the ranks' own DP size: incomplete, naming the missing engine": (
         [R(0, dp_size=4), R(1, dp_size=4), R(2, dp_size=4)],
         "incomplete", [], [], ["incomplete: 3 of 4 ranks", "engine 3 not among the targets"]),

@@ -71,3 +71,26 @@ def test_filtered_scrape_equals_the_full_scrape_on_the_doctors_series(tmp_path, 
         for server in servers:
             server.close()
         worker.close()
+
+
+def test_a_ranks_status_only_endpoint_reads_as_plugin_off_on_that_rank_with_its_reason():
+    from instrumented_core.telemetry.metrics import plugin_active
+
+    ranks = _ranks(2)
+    off = CollectorRegistry()  # what an engine the plugin cannot observe serves, alone
+    plugin_active(off, {n.LABEL_ENGINE: "1", n.LABEL_MODEL_NAME: "m"}, False,
+                  "contract_mismatch", "0.20.2")
+    servers = [MetricsServer(ranks[0][0], "127.0.0.1", 0, 0),
+               MetricsServer(off, "127.0.0.1", 0, 1)]
+    try:
+        samples = scrape_all([s.url for s in servers], only=DIAGNOSIS_SERIES)
+        views = [to_view(s, r) for r, s in enumerate(samples)]
+        assert views[1].plugin_off == "contract_mismatch (vLLM 0.20.2)"
+        verdict = diagnose(views, 2.0)
+        assert verdict.kind == "not_dp_endpoint"
+        assert verdict.summary.startswith(f"plugin off on rank 1 ({servers[1].url}"), verdict.summary
+        assert verdict.summary.endswith(": contract_mismatch (vLLM 0.20.2)"), verdict.summary
+        assert views[0].plugin_off is None  # an active rank (plugin_active 1) is read as usual
+    finally:
+        for server in servers:
+            server.close()

@@ -144,7 +144,7 @@ def test_pause_mode_counters_and_collective_rpc_while_paused(engine, mode):
     assert state["paused"]
     assert _phases(engine) == [2, 2]  # both engine cores report "paused" while paused
     mid = _snap(engine)
-    rpc = engine.run(engine.llm.collective_rpc("synchronize_device"), STEP, "collective_rpc")
+    rpc = engine.run(engine.llm.collective_rpc("check_health"), STEP, "collective_rpc")
     assert rpc is not None
     engine.run(barrier_all(engine.llm), STEP, "barrier while paused")
     after_rpc = _snap(engine)

@@ -531,8 +531,11 @@ def test_an_inactive_rank_serves_plugin_active_0_and_the_reason_while_its_loop_r
     seen: dict = {}
 
     def look(engine):
+        from instrumented_core.doctor import run_doctor
+
         seen["url"] = status_of(engine).url
         seen["sample"] = _scrape(seen["url"])
+        seen["doctor"] = run_doctor(targets=[seen["url"]])
 
     engine.script = [look]
     with caplog.at_level(logging.INFO, logger=LOGGER), pytest.raises(SystemExit):
@@ -540,6 +543,10 @@ def test_an_inactive_rank_serves_plugin_active_0_and_the_reason_while_its_loop_r
     key = (n.PLUGIN_ACTIVE, (("engine", "3"), ("model_name", "m"),
                              ("reason", "contract_mismatch"), ("vllm_version", "0.34.0")))
     assert seen["sample"] == {key: 0.0}  # that series alone: nothing it cannot know
+    # the doctor names the rank and why, never "not a vLLM DP endpoint"
+    summary = seen["doctor"].verdict.summary
+    assert summary.startswith("plugin off on rank 3 (") and summary.endswith(
+        ": contract_mismatch (vLLM 0.34.0)"), summary
     with pytest.raises(urllib.error.URLError):
         _scrape(seen["url"])  # the loop ended: so did the endpoint
     assert status_of(engine) is None

@@ -194,7 +194,10 @@ async def barrier_engine(llm: Any, rank: int) -> Any:
 
 
 async def barrier_all(llm: Any) -> Any:
-    return await llm.engine_core.call_utility_all_async("barrier")
+    # one call per engine (``call_utility_all_async`` only exists from vLLM 0.32 on)
+    client = llm.engine_core
+    return await asyncio.gather(*(client._call_utility_async("barrier", engine=e)
+                                  for e in client.core_engines))
 
 
 async def wait_routed(llm: Any, request_id: str, timeout: float) -> float:
