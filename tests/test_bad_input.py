@@ -10,6 +10,7 @@ truncated and oversized expositions and broken values, in-process.
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import subprocess
@@ -142,6 +143,11 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "demo --out cannot be created": (["demo", "--out", "/proc/instrumented-core/out"], 2,
                                      "cannot be used"),
     "demo --out empty": (["demo", "--out", ""], 2, "--out is empty"),
+    # the environment (leading NAME=value items): nothing to watch with telemetry off
+    **{f"demo {engine} with telemetry off": (
+        ["INSTRUMENTED_CORE_TELEMETRY=0", "demo", "--engine", engine], 2,
+        "INSTRUMENTED_CORE_TELEMETRY=0 turns off the metrics the demo watches")
+       for engine in ("cpu", "vllm")},
 }
 
 
@@ -150,9 +156,13 @@ def test_a_bad_value_is_one_line_with_the_documented_exit_code(tmp_path, fakes, 
                                                                words):
     afile = tmp_path / "a-file"
     afile.write_text("not a directory\n")
+    env = dict(os.environ)
+    while argv and "=" in argv[0] and argv[0].split("=", 1)[0].isupper():
+        name, value = argv[0].split("=", 1)
+        env[name], argv = value, argv[1:]
     argv = [a.format(file=afile, **fakes) for a in argv]
     result = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=60,
-                            cwd=tmp_path)
+                            cwd=tmp_path, env=env)
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr

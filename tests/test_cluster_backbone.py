@@ -9,7 +9,7 @@ import time
 import pytest
 
 from instrumented_core.cluster import Cluster, ClusterConfig, ClusterConfigError, CollectiveHang
-from instrumented_core.cluster.scenarios import (
+from instrumented_core.scenarios import (
     check_schedule,
     run_random_schedule,
     upstream_deadlock_scenario,

@@ -17,17 +17,9 @@ import time
 import pytest
 
 from instrumented_core.doctor import run_doctor
+from instrumented_core.scenarios import ScenarioHang, staggered_barrier
 from instrumented_core.telemetry import names as n
-from tests.vllm_helpers import (
-    PROMPTS,
-    VllmEngine,
-    barrier_engine,
-    bounded,
-    generate,
-    new_request_id,
-    wait_for,
-    wait_routed,
-)
+from tests.vllm_helpers import PROMPTS, VllmClient, VllmEngine, generate, wait_for
 
 pytestmark = pytest.mark.vllm
 
@@ -73,24 +65,13 @@ def test_stall_in_one_ranks_sync_round_is_seen_by_its_peer_and_named_by_doctor()
 def test_legacy_one_phase_pause_hangs_and_doctor_names_the_ranks():
     engine = VllmEngine({"IC_LEGACY_ONE_PHASE_PAUSE": "1"}, cpu_timeout=25)
     try:
-        engine.start()
-        engine.wait_metrics(30)
-        engine.run(asyncio.gather(*(generate(engine.llm, PROMPTS[r], max_tokens=4, dp_rank=r)
-                                    for r in (0, 1))), STEP, "warm-up")
+        engine.start_served(STEP)
         info = engine.scrape_all()[0].get(n.INFO_SERIES, None, protocol="legacy")
         assert info == 1.0  # the ranks report the legacy protocol
-
-        async def staggered():
-            await bounded(engine.llm.pause_generation(mode="keep"), STEP, "pause")
-            b0 = asyncio.ensure_future(barrier_engine(engine.llm, 0))
-            await asyncio.sleep(1.0)
-            rid = new_request_id("routed")
-            routed = asyncio.ensure_future(generate(engine.llm, PROMPTS[3], max_tokens=8,
-                                                    dp_rank=1, request_id=rid))
-            await wait_routed(engine.llm, rid, 10.0)
-            return b0, routed
-
-        b0, routed = engine.run(staggered(), 90, "legacy staggered scenario")
+        # the scenario waits 15 s for its staggered barrier (Gloo's own bound: 25 s after
+        # engine 0's barrier): the hang is read meanwhile
+        scenario = asyncio.ensure_future(staggered_barrier(
+            VllmClient(engine.llm, step_timeout=STEP, barrier_timeout=15.0)), loop=engine.loop)
 
         def hung():
             engine.loop.run_until_complete(asyncio.sleep(0.2))
@@ -98,17 +79,18 @@ def test_legacy_one_phase_pause_hangs_and_doctor_names_the_ranks():
             return s if _inside(s[0], "barrier") >= 3.0 and max(
                 _inside(s[1], "step"), _inside(s[1], n.COLLECTIVE_SYNC)) >= 3.0 else None
 
-        samples = wait_for(hung, 15, "rank 0 in the barrier, rank 1 stepping")
+        samples = wait_for(hung, 12, "rank 0 in the barrier, rank 1 stepping")
         assert (samples[1].get(n.START_DP_WAVE_TOTAL, 0.0, outcome="acted") or 0) >= 1
-        assert not b0.done()
+        assert not scenario.done()
         report = run_doctor(targets=engine.targets, threshold=2.0)
         assert report.verdict.kind == "deadlock", report.render()
         assert report.verdict.culprits == [1], report.render()
         assert report.verdict.victims == [0], report.render()
-        text = report.render()
-        assert "barrier" in text
-        for task in (b0, routed):
-            task.cancel()
+        assert "barrier" in report.render()
+        # the scenario itself calls it a hang, naming the engine that never came back
+        with pytest.raises(ScenarioHang, match="staggered barrier did not return") as hang:
+            engine.run(scenario, 30, "legacy staggered scenario")
+        assert 0 in hang.value.waiting
     finally:
         t0 = time.monotonic()
         engine.close()
