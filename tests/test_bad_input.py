@@ -33,6 +33,7 @@ from instrumented_core.scrape import (
     scrape,
     to_view,
 )
+from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.metrics import RankMetrics
 from instrumented_core.telemetry.probe import TelemetryProbe
 
@@ -319,7 +320,7 @@ def test_infinite_and_nan_values_elsewhere_never_raise():
     full = _exposition()
     for value in (b"NaN", b"+Inf", b"-Inf", b"1e400", b"-0"):
         body = b"\n".join(
-            line if line.startswith(b"#") or b"vllm_dp_size" in line or b"pause_phase" in line
+            line if line.startswith(b"#") or n.DP_SIZE.encode() in line or n.PHASE.encode() in line
             else line.rsplit(b" ", 1)[0] + b" " + value for line in full.splitlines()) + b"\n"
         view, verdict = _check(body)  # a rank, or named not one: never an exception
         assert verdict.kind in ("healthy", "not_dp_endpoint", "wedged", "pausing"), (value,
