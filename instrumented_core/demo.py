@@ -38,7 +38,7 @@ from instrumented_core.scenarios import (
     ScenarioHang,
     staggered_barrier,
 )
-from instrumented_core.stopping import Stopped, stop_signals
+from instrumented_core.stopping import Stopped, TreeWatchdog, stop_signals
 from instrumented_core.telemetry import TelemetryConfig
 
 PROG = "instrumented-core"
@@ -218,8 +218,10 @@ def run_story(make_engine: Callable[[Plan], DemoEngine], options: DemoOptions,
     started = time.time()
     stopped: Stopped | None = None
     failure: str | None = None
+    watchdog = None
     with stop_signals() as signals:
         try:
+            watchdog = TreeWatchdog()  # a demo killed without a word takes its tree with it
             out(engine.describe())
             engine.start(out)
             for rank, url in enumerate(engine.metrics_urls):
@@ -259,6 +261,8 @@ def run_story(make_engine: Callable[[Plan], DemoEngine], options: DemoOptions,
                     final_rows = recorder.finish()
             finally:
                 engine.close()
+                if watchdog is not None:
+                    watchdog.stop()
         stopped = stopped or signals.raised
         code = finish_run(plan.out_dir, options, state.verdict, plan.expected, out,
                           urls=engine.metrics_urls, final_rows=final_rows, started=started,

@@ -7,6 +7,10 @@
 - A parent that dies without a word (``SIGKILL``, a crash) cannot run any clean-up, so each
   child the CPU cluster spawns asks Linux to kill it when its parent goes
   (:func:`die_with_parent`, ``PR_SET_PDEATHSIG``); the ports they held are then free.
+- Processes we do not spawn ourselves (vLLM's coordinator, engine cores and workers) cannot be
+  asked that, so the demo also starts a :class:`TreeWatchdog`: a small process in its own
+  session that notes the demo's descendants every half second and kills them once the demo is
+  gone.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-__all__ = ["STOP_SIGNALS", "Stopped", "die_with_parent", "spawn_target", "stop_signals"]
+__all__ = ["STOP_SIGNALS", "Stopped", "TreeWatchdog", "die_with_parent", "spawn_target",
+           "stop_signals"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
@@ -91,3 +98,91 @@ def spawn_target(parent: int | None, target: Callable[..., Any], *args: Any) -> 
     if parent is not None:
         die_with_parent(parent=parent)
     return target(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the watchdog: kills a dead process's descendants (those not spawned by us)
+# ----------------------------------------------------------------------------------------------
+
+
+def _start_time(pid: int) -> str | None:
+    """The live process's start time in clock ticks (tells it from a reused pid); None when
+    it is gone or a zombie (dead, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if len(fields) < 20 or fields[0] == "Z" else fields[19]
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _watch(parent: int, started: str, interval: float) -> None:
+    """The watchdog's loop: note ``parent``'s descendants until it is gone, then kill them."""
+    me = os.getpid()
+    seen: dict[int, str] = {}
+    ready = False
+    while _start_time(parent) == started:
+        for pid in _descendants(parent):
+            if pid != me and pid not in seen:
+                stamp = _start_time(pid)
+                if stamp is not None:
+                    seen[pid] = stamp
+        if not ready:  # the tree as it was at the start is noted
+            sys.stdout.write("ready\n")
+            sys.stdout.close()
+            ready = True
+        time.sleep(interval)
+    for pid, stamp in seen.items():
+        if _start_time(pid) == stamp:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+class TreeWatchdog:
+    """Kills this process's descendants if this process dies without cleaning up (Linux).
+    Once constructed, every process already below this one is noted; later ones within
+    ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.proc: subprocess.Popen | None = None
+        started = _start_time(os.getpid())
+        if started is None:
+            return  # no /proc: nothing to watch with
+        # its own session: the terminal's Ctrl-C or a group kill must not end it first
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "instrumented_core.stopping", str(os.getpid()), started,
+             str(interval)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, start_new_session=True)  # holds none of our pipes
+        assert self.proc.stdout is not None
+        self.proc.stdout.readline()  # returns once the current tree is noted (or it died)
+        self.proc.stdout.close()
+
+    def stop(self) -> None:
+        """The clean-up ran: the watchdog is not needed any more."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+if __name__ == "__main__":
+    _watch(int(sys.argv[1]), sys.argv[2], float(sys.argv[3]))
