@@ -83,7 +83,7 @@ def _phases(engine: VllmEngine) -> list[int]:
 
 def test_upstream_staggered_barrier_scenario_completes_and_both_ranks_show_the_pause(engine):
     before = _snap(engine)
-    result = engine.run(staggered_barrier(VllmClient(engine.llm, step_timeout=STEP), gap=5.0),
+    result = engine.run(staggered_barrier(VllmClient(engine.llm, step_timeout=STEP), gap=2.0),
                         120, "staggered barrier scenario")
     assert result.paused
     assert result.routed == "completed"
@@ -100,8 +100,8 @@ def test_upstream_staggered_barrier_scenario_completes_and_both_ranks_show_the_p
     # START_DP_WAVE; both paused ranks drop it (the exclude field never matches in 0.32).
     ignored = [delta(after[r], before[r])["wave_ignored"] for r in (0, 1)]
     assert ignored[1] >= 1 and sum(ignored) >= 1, ignored
-    # engine 0 waited in the barrier for the staggered engine 1 (>= the 5 s gap)
-    assert delta(after[0], before[0])["barrier_seconds"] >= 4.0
+    # engine 0 waited in the barrier for the staggered engine 1 (>= the 2 s gap)
+    assert delta(after[0], before[0])["barrier_seconds"] >= 1.5
     assert _phases(engine) == [0, 0]
 
 

@@ -68,10 +68,10 @@ def test_legacy_one_phase_pause_hangs_and_doctor_names_the_ranks():
         engine.start_served(STEP)
         info = engine.scrape_all()[0].get(n.INFO_SERIES, None, protocol="legacy")
         assert info == 1.0  # the ranks report the legacy protocol
-        # the scenario waits 15 s for its staggered barrier (Gloo's own bound: 25 s after
-        # engine 0's barrier): the hang is read meanwhile
+        # the scenario gives up on its staggered barrier after 5 s; the engines stay
+        # deadlocked (until Gloo's 25 s bound), which is what the metrics and doctor must show
         scenario = asyncio.ensure_future(staggered_barrier(
-            VllmClient(engine.llm, step_timeout=STEP, barrier_timeout=15.0)), loop=engine.loop)
+            VllmClient(engine.llm, step_timeout=STEP, barrier_timeout=5.0)), loop=engine.loop)
 
         def hung():
             engine.loop.run_until_complete(asyncio.sleep(0.2))
@@ -79,9 +79,8 @@ def test_legacy_one_phase_pause_hangs_and_doctor_names_the_ranks():
             return s if _inside(s[0], "barrier") >= 3.0 and max(
                 _inside(s[1], "step"), _inside(s[1], n.COLLECTIVE_SYNC)) >= 3.0 else None
 
-        samples = wait_for(hung, 12, "rank 0 in the barrier, rank 1 stepping")
+        samples = wait_for(hung, 15, "rank 0 in the barrier, rank 1 stepping")
         assert (samples[1].get(n.START_DP_WAVE_TOTAL, 0.0, outcome="acted") or 0) >= 1
-        assert not scenario.done()
         report = run_doctor(targets=engine.targets, threshold=2.0)
         assert report.verdict.kind == "deadlock", report.render()
         assert report.verdict.culprits == [1], report.render()
