@@ -185,7 +185,7 @@ def _live_view(recorder: Recorder, story: Story, urls: list[str]):
 
 
 def plan_run(options: DemoOptions) -> Plan:
-    """Seed, fault rank and expected verdict; the output directory emptied of a previous run."""
+    """Seed, fault rank and expected verdict, decided before the engine exists."""
     seed = options.seed if options.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     fault_rank = options.fault_rank if options.fault_rank is not None else rng.randrange(
@@ -245,7 +245,7 @@ def run_story(make_engine: Callable[[Plan], DemoEngine], options: DemoOptions,
             stopped = e
         except KeyboardInterrupt:
             stopped = Stopped(2)
-        except (ClusterError, ScenarioHang, TimeoutError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - an engine's failure is one line, not a traceback
             failure = f"{type(e).__name__}: {e}"
         finally:
             signals.clean_up()  # from here on a signal is remembered, never raised
