@@ -186,6 +186,21 @@ class ModeRound:
     done_at_pause: list[bool]  # per rank: its request had finished when the pause returned
     outcomes: list[str]  # per rank: "completed" | "aborted"
 
+    def broken_promise(self) -> str | None:
+        """What the mode promised and did not do, or None: abort aborts what runs; wait
+        drains it before the pause returns; keep keeps it and finishes it after resume."""
+        if not self.paused:
+            return f"{self.mode}: is_paused() was false after the pause returned"
+        if self.mode == "abort" and set(self.outcomes) != {"aborted"}:
+            return f"abort: in-flight requests ended {self.outcomes}, not aborted"
+        if self.mode in ("wait", "keep") and set(self.outcomes) != {"completed"}:
+            return f"{self.mode}: requests ended {self.outcomes}, not completed"
+        if self.mode == "wait" and not all(self.done_at_pause):
+            return f"wait: requests still running when the pause returned {self.done_at_pause}"
+        if self.mode == "keep" and any(self.done_at_pause):
+            return f"keep: requests finished while paused {self.done_at_pause}"
+        return None
+
 
 async def pause_mode_round(client: PauseClient, mode: str, tokens: int, *,
                            settle: float = 0.3,

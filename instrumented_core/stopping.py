@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-__all__ = ["STOP_SIGNALS", "Stopped", "TreeWatchdog", "die_with_parent", "spawn_target",
-           "stop_signals"]
+__all__ = ["STOP_SIGNALS", "Stopped", "TreeWatchdog", "alive", "descendants", "die_with_parent",
+           "spawn_target", "stop_signals"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
@@ -116,7 +116,8 @@ def _start_time(pid: int) -> str | None:
     return None if len(fields) < 20 or fields[0] == "Z" else fields[19]
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` now (from /proc)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -134,13 +135,18 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    return _start_time(pid) is not None
+
+
 def _watch(parent: int, started: str, interval: float) -> None:
     """The watchdog's loop: note ``parent``'s descendants until it is gone, then kill them."""
     me = os.getpid()
     seen: dict[int, str] = {}
     ready = False
     while _start_time(parent) == started:
-        for pid in _descendants(parent):
+        for pid in descendants(parent):
             if pid != me and pid not in seen:
                 stamp = _start_time(pid)
                 if stamp is not None:

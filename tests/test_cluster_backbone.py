@@ -65,15 +65,7 @@ def test_each_pause_mode_keeps_its_promise(dp2, mode):
     """The same pause-mode round the real vLLM engine runs (tests/test_vllm.py)."""
     got = asyncio.run(pause_mode_round(ClusterClient(dp2), mode, MODE_TOKENS[mode],
                                        settle=0.05))
-    assert got.paused
-    if mode == "abort":
-        assert got.outcomes == ["aborted", "aborted"]
-    elif mode == "wait":
-        assert got.done_at_pause == [True, True]  # drained before the pause returned
-        assert got.outcomes == ["completed", "completed"]
-    else:
-        assert got.done_at_pause == [False, False], "keep must not finish in-flight requests"
-        assert got.outcomes == ["completed", "completed"]  # finished after resume
+    assert got.broken_promise() is None, got
 
 
 def test_a_request_sent_while_paused_is_queued_not_lost(dp2):

@@ -17,45 +17,16 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+
+from instrumented_core.stopping import alive, descendants
 
 pytestmark = pytest.mark.cluster
 
 CLI = [sys.executable, "-m", "instrumented_core.cli", "demo", "--no-live", "--ranks", "2",
        "--duration", "60", "--fault", "none", "--metrics-port-base", "0"]
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL)
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def descendants(pid: int) -> list[int]:
-    tree, out, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def port_free(port: int) -> bool:

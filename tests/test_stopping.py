@@ -14,7 +14,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from instrumented_core.stopping import alive
 
 PARENT = """
 import signal, subprocess, sys, time
@@ -30,19 +31,11 @@ time.sleep(60)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
+    return [p for p in pids if alive(p)]
 
 
 def _parent(mode: str) -> tuple[subprocess.Popen, int, int]:
@@ -60,7 +53,7 @@ def test_a_parent_killed_without_a_word_takes_its_descendants_with_it():
         assert _wait_gone([child, dog], 5) == [], "the grandchild or the watchdog survived"
     finally:
         for pid in (child, dog):
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 

@@ -123,16 +123,8 @@ def test_pause_mode_counters_and_collective_rpc_while_paused(engine, mode):
                                       after_collectives=lambda: seen.update(rpc=_snap(engine))),
                      180, f"{mode} pause round")
     after = _snap(engine)
-    assert got.paused
+    assert got.broken_promise() is None, got  # abort aborts, wait drains, keep keeps
     assert seen["phases"] == [2, 2]  # both engine cores report "paused" while paused
-    if mode == "abort":
-        assert got.outcomes == ["aborted", "aborted"]
-    elif mode == "wait":
-        assert got.done_at_pause == [True, True]  # drained before the pause completed
-        assert got.outcomes == ["completed", "completed"]
-    else:
-        assert got.done_at_pause == [False, False]  # frozen, finished after resume
-        assert got.outcomes == ["completed", "completed"]  # all MODE_TOKENS tokens
     for rank in (0, 1):
         d = delta(after[rank], before[rank])
         assert d[f"pause_{mode}"] == 1, (rank, d)
