@@ -1,8 +1,8 @@
 """Every way of stopping ``instrumented-core demo`` takes its process tree down (issue 16).
 
-Four demos run at once on the CPU cluster (two ranks each); once each story is under way, one
-gets SIGINT, one SIGTERM, one SIGHUP and one SIGKILL (the parent dying without a word). For
-each: no rank or coordinator process survives, every metrics port is free again, and (all but
+Four demos run at once on the CPU cluster (one rank each, the cheapest tree); once each story
+is under way, one gets SIGINT, one SIGTERM, one SIGHUP and one SIGKILL (the parent dying
+without a word). For each: no rank or coordinator process survives, every metrics port is free again, and (all but
 SIGKILL) the exit status is 128 + the signal with one line on stderr, and ``summary.json`` and
 ``report.html`` hold what the run had.
 """
@@ -24,7 +24,7 @@ from instrumented_core.stopping import alive, descendants
 
 pytestmark = pytest.mark.cluster
 
-CLI = [sys.executable, "-m", "instrumented_core.cli", "demo", "--no-live", "--ranks", "2",
+CLI = [sys.executable, "-m", "instrumented_core.cli", "demo", "--no-live", "--ranks", "1",
        "--duration", "60", "--fault", "none", "--metrics-port-base", "0"]
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL)
 
@@ -70,9 +70,9 @@ def test_every_signal_takes_the_demo_tree_down_and_frees_its_ports(tmp_path):
                 lines.append(line)
             ports = [int(p) for p in re.findall(r"rank \d+ metrics: http://127\.0\.0\.1:(\d+)",
                                                 "".join(lines))]
-            assert len(ports) == 2, lines
+            assert len(ports) == 1, lines
             tree = descendants(proc.pid)
-            assert len(tree) >= 3, f"expected 2 ranks and a coordinator under the demo: {tree}"
+            assert len(tree) >= 2, f"expected a rank and a coordinator under the demo: {tree}"
             demos[sig] = (proc, out, ports, tree)
         for sig, (proc, *_rest) in demos.items():
             os.kill(proc.pid, sig)
