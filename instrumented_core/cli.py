@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor" and args.selector and not args.prometheus:
         parser.error("--selector needs --prometheus (with --targets, list the ranks instead)")
     if args.command == "demo":
-        problem = _prepare_out(args.out)
+        problem = _demo_telemetry_off() or _prepare_out(args.out)
         if problem:
             print(f"{PROG}: error: {problem}", file=sys.stderr)
             return 2
@@ -285,6 +285,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def _demo_telemetry_off() -> str | None:
+    """The demo watches its ranks through their own metrics: with telemetry off there is
+    nothing to watch (the recorder and the doctor would read no rank)."""
+    from instrumented_core.telemetry.config import (
+        ENV_ENABLED,
+        TelemetryConfig,
+        TelemetryConfigError,
+    )
+
+    try:
+        enabled = TelemetryConfig.from_env().enabled
+    except TelemetryConfigError:
+        return None  # reported with its own line once the demo reads the settings
+    if enabled:
+        return None
+    return (f"{ENV_ENABLED}={os.environ.get(ENV_ENABLED, '')} turns off the metrics the demo "
+            f"watches: unset {ENV_ENABLED} to run the demo")
 
 
 def _demo(args) -> int:

@@ -1,29 +1,47 @@
-"""``instrumented-core demo``: a scripted story on a live cluster, watched through its metrics.
+"""``instrumented-core demo``: a scripted story on a live engine, watched through its metrics.
 
 Story: traffic; pause(keep) -> barrier on engine 0 -> request routed to engine 1 -> barrier on
-the others -> resume (vLLM's ``test_dp_pause_barrier_request_deadlock``); more traffic; then
-the injected fault on one rank. The verdict comes from the ranks' own ``/metrics`` through the
-doctor's logic, so the demo proves what an operator would see.
+the others -> resume (vLLM's ``test_dp_pause_barrier_request_deadlock``, from
+:mod:`instrumented_core.scenarios`); more traffic; then the injected fault on one rank. The
+verdict comes from the ranks' own ``/metrics`` through the doctor's logic, so the demo proves
+what an operator would see.
+
+One story runner (:func:`run_story`) tells it on any engine through a :class:`DemoEngine`
+adapter: the CPU cluster's is :class:`ClusterEngine` here, real vLLM's is in
+:mod:`instrumented_core.vllm_support.demo`. The runner owns the live view, the diagnosis loop,
+stopping (every signal takes the engine's process tree down, :mod:`.stopping`) and the run's
+files; an adapter only starts its engine, supplies traffic and injects its faults.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import shutil
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, Protocol
 
-from instrumented_core.cluster import Cluster, ClusterConfig, CollectiveHang
-from instrumented_core.cluster.scenarios import staggered_barrier_with_request
+from instrumented_core.cluster import Cluster, ClusterConfig, ClusterError, CollectiveHang
 from instrumented_core.diagnosis import verdict_matches
 from instrumented_core.doctor import run_doctor
 from instrumented_core.recorder import Recorder
 from instrumented_core.run_files import FLIGHT_DIR, REPORT, SPANS, SUMMARY
+from instrumented_core.scenarios import (
+    ClusterClient,
+    PauseClient,
+    ScenarioHang,
+    staggered_barrier,
+)
+from instrumented_core.stopping import Stopped, TreeWatchdog, stop_signals
 from instrumented_core.telemetry import TelemetryConfig
+
+PROG = "instrumented-core"
 
 
 @dataclass
@@ -66,32 +84,6 @@ class Story:
         self.log(text)
 
 
-class Traffic:
-    """Background requests at random ranks while enabled; every handle is kept."""
-
-    def __init__(self, cluster: Cluster, rng: random.Random) -> None:
-        self.cluster, self.rng = cluster, rng
-        self.handles = []
-        self.enabled = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.enabled.wait(0.1) and not self._stop.is_set():
-                try:
-                    self.handles.append(self.cluster.generate(self.rng.randint(5, 60)))
-                except Exception:  # noqa: BLE001 - the cluster is stopping
-                    return
-                time.sleep(self.rng.uniform(0.01, 0.04))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.enabled.clear()
-        self._thread.join(2)
-
-
 #: Faults that hit every rank at once (injected on all ranks, no culprit to name).
 GROUP_FAULTS = ("wedge",)
 #: The ranks' watchdog threshold in the demo (unless set in the environment): above the
@@ -107,6 +99,64 @@ def _expected(options: DemoOptions, fault_rank: int) -> tuple[str, list[int]]:
             "dead": ("stuck", [fault_rank]), "slow": ("slow", [fault_rank]),
             "worker_stall": ("stuck", [fault_rank]), "worker_slow": ("slow", [fault_rank]),
             "wedge": ("wedged", []), "freeze": ("stuck", [fault_rank])}[options.fault]
+
+
+class DemoTraffic(Protocol):
+    """Background requests an engine supplies to the story."""
+
+    enabled: bool
+
+    async def finish(self) -> list[str] | None: ...  # finish reasons, None: not tracked
+
+    def cancel(self) -> None: ...
+
+
+@dataclass
+class Plan:
+    """What the runner decided before the engine exists."""
+
+    options: DemoOptions
+    seed: int
+    rng: random.Random
+    fault_rank: int
+    out_dir: Path
+    expected: tuple[str, list[int]]
+
+
+@dataclass
+class StoryState:
+    """What the story has so far; the summary is written from it whatever ends the run."""
+
+    pauses: int = 0
+    verdict: Any = None
+
+
+class DemoEngine(Protocol):
+    """An engine as the story runner drives it (the CPU cluster, real vLLM)."""
+
+    metrics_urls: list[str]  # per rank, once started
+    first_wait: float  # staggered barrier: engine 0's barrier -> routed request
+    gap: float  # routed request -> the other engines' barriers
+    fault_deadline: float  # how long the doctor may take to name the injected fault
+
+    def describe(self) -> str: ...  # the "starting ..." line
+
+    def start(self, out: Callable[[str], None]) -> None: ...
+
+    def run(self, story: Coroutine[Any, Any, None], budget: float) -> None: ...
+
+    def client(self) -> PauseClient: ...
+
+    async def warm_up(self) -> None: ...
+
+    def traffic(self, rng: random.Random) -> DemoTraffic: ...
+
+    async def inject(self, story: Story, state: StoryState,
+                     traffic: DemoTraffic) -> Callable[[], Awaitable[None]]: ...
+
+    def close(self) -> None: ...
+
+    def summary_fields(self) -> dict[str, Any]: ...
 
 
 def _live_view(recorder: Recorder, story: Story, urls: list[str]):
@@ -138,126 +188,308 @@ def _live_view(recorder: Recorder, story: Story, urls: list[str]):
     return render
 
 
-def run_demo(options: DemoOptions, out=print) -> int:
-    """Run the story; returns the exit status (0 when the run ended as the story expected)."""
-    rng = random.Random(options.seed)
+def plan_run(options: DemoOptions) -> Plan:
+    """Seed, fault rank and expected verdict, decided before the engine exists."""
     seed = options.seed if options.seed is not None else random.randrange(1 << 30)
-    rng.seed(seed)
+    rng = random.Random(seed)
     fault_rank = options.fault_rank if options.fault_rank is not None else rng.randrange(
         options.ranks)
-    if not 0 <= fault_rank < options.ranks:
-        out(f"instrumented-core: error: --fault-rank {fault_rank} is not a rank of a "
+    out_dir = Path(options.out)
+    return Plan(options, seed, rng, fault_rank, out_dir, _expected(options, fault_rank))
+
+
+def run_story(make_engine: Callable[[Plan], DemoEngine], options: DemoOptions,
+              out: Callable[[str], None] = print,
+              err: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> int:
+    """Tell the story on the engine ``make_engine`` builds; the demo's exit status.
+
+    0: the run ended as the story expected; 1: another verdict, or the engine failed (one
+    line on ``err``); 128 + signal number: stopped by a signal. However it ends, the engine's
+    processes are stopped and ``summary.json`` and ``report.html`` hold what the run had."""
+    plan = plan_run(options)
+    if not 0 <= plan.fault_rank < options.ranks:
+        out(f"{PROG}: error: --fault-rank {plan.fault_rank} is not a rank of a "
             f"{options.ranks}-rank cluster: use 0..{options.ranks - 1}")
         return 2
-    out_dir = Path(options.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
     for stale in (SUMMARY, SPANS, REPORT):
-        (out_dir / stale).unlink(missing_ok=True)
-    for dump in (out_dir / FLIGHT_DIR).glob("flight-rank*.json"):
+        (plan.out_dir / stale).unlink(missing_ok=True)
+    for dump in (plan.out_dir / FLIGHT_DIR).glob("flight-rank*.json"):
         dump.unlink()  # an earlier run's hang dumps
-    telemetry = TelemetryConfig.from_env(metrics_port_base=options.metrics_port_base,
-                                         spans_file=str(out_dir / SPANS),
-                                         debug_endpoint=options.debug_endpoint or None,
-                                         flight_dir=str(out_dir / FLIGHT_DIR))
-    if telemetry.watchdog_seconds is None:  # the story's hang must dump before it ends
-        telemetry = replace(telemetry, watchdog_seconds=DEMO_WATCHDOG_SECONDS)
-    config = ClusterConfig(ranks=options.ranks, protocol=options.protocol,
-                           cadence=options.cadence, sync_interval=options.sync_interval,
-                           hang_timeout=6.0, telemetry=telemetry,
-                           # peers of a stalled rank must keep waiting through --hold
-                           collective_timeout=120.0 + options.duration + options.hold)
-    cluster = Cluster(config)  # validates settings and ports: errors before anything starts
-    expected_kind, expected_culprits = _expected(options, fault_rank)
-    recorder = live = traffic = None
+    engine = make_engine(plan)  # validates settings and ports: errors before anything starts
+    state = StoryState()
+    recorder = live = None
+    final_rows: list[dict] = []
     story = Story(None, lambda text: None)
-    pauses = 0
     started = time.time()
-    verdict = None
-    try:
-        out(f"starting a {options.ranks}-rank CPU cluster ({options.protocol}, sync every "
-            f"{options.sync_interval} steps, {options.cadence} cadence, seed {seed})")
-        cluster.start()
-        for rank, url in enumerate(cluster.metrics_urls):
-            out(f"rank {rank} metrics: {url}")
-        recorder = Recorder(cluster.metrics_urls, out_dir).start()
-        if options.live:
-            from rich.console import Console
-            from rich.live import Live
-
-            story = Story(recorder, lambda text: None)
-            render = _live_view(recorder, story, cluster.metrics_urls)
-            live = Live(render(), console=Console(), refresh_per_second=4)
-            recorder.on_sample(lambda rows: live.update(render()))
-            live.start()
-        else:
-            story = Story(recorder, lambda text: out(f"[{time.time() - started:6.1f}s] {text}"))
-        phase = max(1.0, options.duration * 0.25)
-        traffic = Traffic(cluster, rng)
-
-        story.step("traffic", f"traffic for {phase:.0f} s")
-        traffic.enabled.set()
-        time.sleep(phase)
-        traffic.enabled.clear()
-
-        story.step("pause(keep)", "pause_generation(mode='keep') on all ranks")
-        cluster.pause("keep")
-        pauses += 1
-        story.note("all ranks paused (consensus reached)" if options.protocol == "two-phase"
-                   else "all ranks paused (each rank locally)")
+    stopped: Stopped | None = None
+    failure: str | None = None
+    watchdog = None
+    with stop_signals() as signals:
         try:
-            story.step("staggered barrier + routed request",
-                       "barrier on engine 0; request routed to engine 1; barrier on the others")
-            routed = staggered_barrier_with_request(cluster, routed_rank=1 % options.ranks,
-                                                    first_wait=0.5, second_wait=1.0)
-            story.step("barrier + resume", "barrier on all engines, then resume")
-            cluster.barrier()
-            cluster.resume()
-            story.note(f"routed request {routed.result(10)}")
-        except CollectiveHang as hang:
+            watchdog = TreeWatchdog()  # a demo killed without a word takes its tree with it
+            out(engine.describe())
+            engine.start(out)
+            for rank, url in enumerate(engine.metrics_urls):
+                out(f"rank {rank} metrics: {url}")
+            recorder = Recorder(engine.metrics_urls, plan.out_dir).start()
+            if options.live:
+                from rich.console import Console
+                from rich.live import Live
+
+                story = Story(recorder, lambda text: None)
+                render = _live_view(recorder, story, engine.metrics_urls)
+                live = Live(render(), console=Console(), refresh_per_second=4)
+                recorder.on_sample(lambda rows: live.update(render()))
+                live.start()
+            else:
+                story = Story(recorder,
+                              lambda text: out(f"[{time.time() - started:6.1f}s] {text}"))
+            budget = 120.0 + options.duration * 3 + options.hold + engine.fault_deadline
+            engine.run(_story(engine, plan, story, state), budget)
+        except Stopped as e:
+            stopped = e
+        except KeyboardInterrupt:
+            stopped = Stopped(2)
+        except Exception as e:  # noqa: BLE001 - an engine's failure is one line, not a traceback
+            failure = f"{type(e).__name__}: {e}"
+        finally:
+            signals.clean_up()  # from here on a signal is remembered, never raised
+            stopped = stopped or signals.raised
+            try:
+                if stopped is not None:
+                    story.note(f"stopped by {stopped}: stopping every engine process")
+                elif failure is not None:
+                    story.note(f"the story failed: {failure}")
+                if live is not None:
+                    live.stop()
+                if recorder is not None:
+                    final_rows = recorder.finish()
+            finally:
+                engine.close()
+                if watchdog is not None:
+                    watchdog.stop()
+        stopped = stopped or signals.raised
+        code = finish_run(plan.out_dir, options, state.verdict, plan.expected, out,
+                          urls=engine.metrics_urls, final_rows=final_rows, started=started,
+                          seed=plan.seed, pauses=state.pauses,
+                          fault_rank=(plan.fault_rank
+                                      if options.fault not in ("none", *GROUP_FAULTS)
+                                      and options.protocol != "legacy" else None),
+                          stopped_by=str(stopped) if stopped else None, failure=failure,
+                          **engine.summary_fields())
+    if stopped is not None:
+        err(f"{PROG}: stopped by {stopped}; every engine process is down; what the run had is "
+            f"in {plan.out_dir}")
+        return stopped.exit_code
+    if failure is not None:
+        err(f"{PROG}: error: the story failed ({failure}); every engine process is down; what "
+            f"the run had is in {plan.out_dir}")
+        return 1
+    return code
+
+
+async def _diagnose(targets: list[str], story: Story, deadline: float, want_fault: bool = True,
+                    expected: tuple[str, list[int]] | None = None) -> Any:
+    """:func:`diagnose_until`, off the event loop (requests keep flowing while it reads)."""
+    return await asyncio.to_thread(diagnose_until, targets, story, deadline, want_fault,
+                                   expected)
+
+
+async def _story(engine: DemoEngine, plan: Plan, story: Story, state: StoryState) -> None:
+    options = plan.options
+    targets = [u.removeprefix("http://").removesuffix("/metrics") for u in engine.metrics_urls]
+    await engine.warm_up()
+    phase = max(1.0, options.duration * 0.25)
+    traffic = engine.traffic(plan.rng)
+    try:
+        story.step("traffic", f"traffic for {phase:.0f} s")
+        traffic.enabled = True
+        await asyncio.sleep(phase)
+        traffic.enabled = False
+        state.pauses += 1
+        try:
+            await staggered_barrier(engine.client(), routed_rank=1 % options.ranks,
+                                    first_wait=engine.first_wait, gap=engine.gap,
+                                    narrator=story)
+        except (CollectiveHang, ScenarioHang) as hang:
             story.note(f"HANG caught: {hang}")
-            verdict = diagnose_until(_targets(cluster), story, deadline=10.0)
-        if verdict is None:
-            story.step("more traffic", f"more traffic for {phase:.0f} s")
-            traffic.enabled.set()
-            time.sleep(phase)
-            if options.fault in GROUP_FAULTS:
-                story.step("fault", f"injecting '{options.fault}' on every rank")
-                cluster.inject_fault(None, options.fault)
-            elif options.fault != "none":
-                story.step("fault", f"injecting '{options.fault}' on rank {fault_rank}")
-                cluster.inject_fault(fault_rank, options.fault)
-            verdict = diagnose_until(_targets(cluster), story,
-                                     deadline=max(15.0, options.duration * 0.5),
-                                     want_fault=options.fault != "none",
-                                     expected=(expected_kind, expected_culprits))
-        story.step("verdict", f"verdict: {verdict.kind}: {verdict.summary}")
-        if options.hold > 0:
-            story.note(f"holding the cluster for {options.hold:.0f} s (Ctrl-C to stop)")
-            time.sleep(options.hold)
+            state.verdict = await _diagnose(targets, story, 15.0, expected=plan.expected)
+            await _verdict_and_hold(story, state, options)
+            return
+        story.step("more traffic", f"more traffic for {phase:.0f} s")
+        traffic.enabled = True
+        await asyncio.sleep(phase)
+        if options.fault == "none":
+            state.verdict = await _diagnose(targets, story, 1.0, want_fault=False)
+            await _verdict_and_hold(story, state, options)
+        else:
+            recover = await engine.inject(story, state, traffic)
+            state.verdict = await _diagnose(targets, story, engine.fault_deadline,
+                                            expected=plan.expected)
+            await _verdict_and_hold(story, state, options)
+            await recover()
+        reasons = await traffic.finish()
+        if reasons is not None:
+            lost = [r for r in reasons if r != "completed"]
+            story.note(f"traffic: {len(reasons)} requests finished"
+                       + (f", {len(lost)} not completed: {lost}" if lost else ", all completed"))
     finally:
-        if traffic is not None:
-            traffic.stop()
-        final_rows = recorder.finish() if recorder is not None else []
-        if live is not None:
-            live.stop()
-        cluster.stop()
-
-    return finish_run(out_dir, options, verdict, (expected_kind, expected_culprits), out,
-                      urls=cluster.metrics_urls, final_rows=final_rows, started=started,
-                      seed=seed, pauses=pauses,
-                      fault_rank=(fault_rank if options.fault not in ("none", *GROUP_FAULTS)
-                                  else None))
+        traffic.cancel()
 
 
-def finish_run(out_dir: Path, options: DemoOptions, verdict, expected: tuple[str, list[int]],
-               out, *, urls: list, final_rows: list[dict], started: float, seed: int,
-               pauses: int, fault_rank: int | None, **extra) -> int:
+async def _verdict_and_hold(story: Story, state: StoryState, options: DemoOptions) -> None:
+    story.step("verdict", f"verdict: {state.verdict.kind}: {state.verdict.summary}")
+    if options.hold > 0:
+        story.note(f"holding the engine for {options.hold:.0f} s (Ctrl-C to stop)")
+        await asyncio.sleep(options.hold)
+
+
+# ----------------------------------------------------------------------------------------------
+# the CPU cluster's adapter
+# ----------------------------------------------------------------------------------------------
+
+
+class ClusterTraffic:
+    """Background requests at random ranks while enabled (a thread: the cluster's calls
+    block); nothing waits for them at the end."""
+
+    def __init__(self, cluster: Cluster, rng: random.Random) -> None:
+        self.cluster, self.rng = cluster, rng
+        self.enabled = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02 if self.enabled else 0.1):
+            if self.enabled:
+                try:
+                    self.cluster.generate(self.rng.randint(5, 60))
+                except (ClusterError, ValueError, OSError):
+                    return  # the cluster is stopping
+                self._stop.wait(self.rng.uniform(0.01, 0.04))
+
+    async def finish(self) -> list[str] | None:
+        self.cancel()
+        return None
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self.enabled = False
+        self._thread.join(2)
+
+
+@dataclass
+class ClusterEngine:
+    """:class:`DemoEngine` over the CPU reference cluster."""
+
+    plan: Plan
+    first_wait: float = 0.5
+    gap: float = 1.0
+    cluster: Cluster = field(init=False)
+    fault_deadline: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        o = self.plan.options
+        telemetry = TelemetryConfig.from_env(metrics_port_base=o.metrics_port_base,
+                                             spans_file=str(self.plan.out_dir / SPANS),
+                                             debug_endpoint=o.debug_endpoint or None,
+                                             flight_dir=str(self.plan.out_dir / FLIGHT_DIR))
+        if telemetry.watchdog_seconds is None:  # the story's hang must dump before it ends
+            telemetry = replace(telemetry, watchdog_seconds=DEMO_WATCHDOG_SECONDS)
+        config = ClusterConfig(ranks=o.ranks, protocol=o.protocol, cadence=o.cadence,
+                               sync_interval=o.sync_interval, hang_timeout=6.0,
+                               telemetry=telemetry,
+                               # peers of a stalled rank must keep waiting through --hold
+                               collective_timeout=120.0 + o.duration + o.hold)
+        self.cluster = Cluster(config)  # checks settings and ports
+        self.fault_deadline = max(15.0, o.duration * 0.5)
+        self._loop = asyncio.new_event_loop()
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        return [u or "" for u in self.cluster.metrics_urls]
+
+    def describe(self) -> str:
+        o = self.plan.options
+        return (f"starting a {o.ranks}-rank CPU cluster ({o.protocol}, sync every "
+                f"{o.sync_interval} steps, {o.cadence} cadence, seed {self.plan.seed})")
+
+    def start(self, out: Callable[[str], None]) -> None:
+        self.cluster.start()
+
+    def run(self, story: Coroutine[Any, Any, None], budget: float) -> None:
+        from instrumented_core.scenarios import bounded
+
+        self._loop.run_until_complete(bounded(story, budget, "the story"))
+
+    def client(self) -> PauseClient:
+        return ClusterClient(self.cluster)
+
+    async def warm_up(self) -> None:
+        pass  # a CPU rank routes a request sent while paused like any other
+
+    def traffic(self, rng: random.Random) -> DemoTraffic:
+        return ClusterTraffic(self.cluster, rng)
+
+    async def inject(self, story: Story, state: StoryState,
+                     traffic: DemoTraffic) -> Callable[[], Awaitable[None]]:
+        fault, rank = self.plan.options.fault, self.plan.fault_rank
+        if fault in GROUP_FAULTS:
+            story.step("fault", f"injecting '{fault}' on every rank")
+            await asyncio.to_thread(self.cluster.inject_fault, None, fault)
+        else:
+            story.step("fault", f"injecting '{fault}' on rank {rank}")
+            await asyncio.to_thread(self.cluster.inject_fault, rank, fault)
+
+        async def nothing() -> None:
+            pass  # the cluster stops with the fault in place
+        return nothing
+
+    def close(self) -> None:
+        try:
+            _cancel_tasks(self._loop)
+        finally:
+            self.cluster.stop()
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {}
+
+
+def _cancel_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what a stopped story left on ``loop`` and let the cancellations run (its
+    ``finally`` blocks stop the traffic), then close the loop."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.wait(tasks, timeout=5))
+    loop.close()
+
+
+def run_demo(options: DemoOptions, out: Callable[[str], None] = print) -> int:
+    """The story on the CPU cluster; the exit status (see :func:`run_story`)."""
+    return run_story(ClusterEngine, options, out)
+
+
+def finish_run(out_dir: Path, options: DemoOptions, verdict: Any,
+               expected: tuple[str, list[int]], out: Callable[[str], None], *, urls: list,
+               final_rows: list[dict], started: float, seed: int, pauses: int,
+               fault_rank: int | None, **extra: Any) -> int:
     """Write summary.json and report.html, print the verdict; the demo's exit status.
 
-    Shared by both engines (CPU cluster, real vLLM) so their outputs cannot drift apart."""
+    Shared by every engine so their outputs cannot drift apart. Without a verdict (the run
+    was stopped or failed first) the summary says ``no_verdict`` and the status is 1."""
     expected_kind, expected_culprits = expected
+    verdict_fields = verdict.as_dict() if verdict is not None else {
+        "verdict": "no_verdict", "culprit_ranks": [], "victim_ranks": [],
+        "summary": "the run ended before a verdict"
+                   + (f" (stopped by {extra['stopped_by']})" if extra.get("stopped_by")
+                      else f" ({extra['failure']})" if extra.get("failure") else ""),
+        "details": {}}
     summary = {
-        **extra,
+        **{k: v for k, v in extra.items() if v is not None},
         "protocol": options.protocol,
         "cadence": options.cadence,
         "ranks": options.ranks,
@@ -269,7 +501,7 @@ def finish_run(out_dir: Path, options: DemoOptions, verdict, expected: tuple[str
         "sync_rounds": [row.get("sync_rounds") for row in final_rows],
         "start_dp_wave": {o: sum(row.get("start_dp_wave", {}).get(o, 0) for row in final_rows)
                           for o in ("acted", "ignored", "stale", "excluded")},
-        **verdict.as_dict(),
+        **verdict_fields,
         "expected": {"verdict": expected_kind, "culprit_ranks": expected_culprits},
         "metrics_urls": urls,
         "duration_seconds": round(time.time() - started, 2),
@@ -279,20 +511,18 @@ def finish_run(out_dir: Path, options: DemoOptions, verdict, expected: tuple[str
     from instrumented_core.report import build_report
 
     report = build_report(out_dir)
-    out(f"verdict: {verdict.kind}: {verdict.summary}")
-    if verdict.culprits:
-        out("culprit ranks: " + ", ".join(str(r) for r in verdict.culprits))
+    out(f"verdict: {verdict_fields['verdict']}: {verdict_fields['summary']}")
+    if verdict_fields["culprit_ranks"]:
+        out("culprit ranks: " + ", ".join(str(r) for r in verdict_fields["culprit_ranks"]))
     out("metrics were served at: " + "  ".join(u or "-" for u in urls))
     out(f"report: {report}  summary: {out_dir / SUMMARY}  spans: {out_dir / SPANS}")
+    if verdict is None:
+        return 1
     if not verdict_matches(verdict.kind, verdict.culprits, expected_kind, expected_culprits):
-        out(f"instrumented-core: error: expected {expected_kind} "
+        out(f"{PROG}: error: expected {expected_kind} "
             f"{expected_culprits or ''} but the metrics say {verdict.kind} {verdict.culprits}")
         return 1
     return 0
-
-
-def _targets(cluster: Cluster) -> list[str]:
-    return [u for u in cluster.metrics_urls if u]
 
 
 def diagnose_until(targets: list[str], story: Story, deadline: float, want_fault: bool = True,

@@ -10,6 +10,7 @@ truncated and oversized expositions and broken values, in-process.
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from instrumented_core.scrape import (
     scrape,
     to_view,
 )
+from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.metrics import RankMetrics
 from instrumented_core.telemetry.probe import TelemetryProbe
 
@@ -148,6 +150,11 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "demo --out cannot be created": (["demo", "--out", "/proc/instrumented-core/out"], 2,
                                      "cannot be used"),
     "demo --out empty": (["demo", "--out", ""], 2, "--out is empty"),
+    # the environment (leading NAME=value items): nothing to watch with telemetry off
+    **{f"demo {engine} with telemetry off": (
+        ["INSTRUMENTED_CORE_TELEMETRY=0", "demo", "--engine", engine], 2,
+        "INSTRUMENTED_CORE_TELEMETRY=0 turns off the metrics the demo watches")
+       for engine in ("cpu", "vllm")},
 }
 
 
@@ -156,9 +163,13 @@ def test_a_bad_value_is_one_line_with_the_documented_exit_code(tmp_path, fakes, 
                                                                words):
     afile = tmp_path / "a-file"
     afile.write_text("not a directory\n")
+    env = dict(os.environ)
+    while argv and "=" in argv[0] and argv[0].split("=", 1)[0].isupper():
+        name, value = argv[0].split("=", 1)
+        env[name], argv = value, argv[1:]
     argv = [a.format(file=afile, **fakes) for a in argv]
     result = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=60,
-                            cwd=tmp_path)
+                            cwd=tmp_path, env=env)
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
@@ -315,7 +326,7 @@ def test_infinite_and_nan_values_elsewhere_never_raise():
     full = _exposition()
     for value in (b"NaN", b"+Inf", b"-Inf", b"1e400", b"-0"):
         body = b"\n".join(
-            line if line.startswith(b"#") or b"vllm_dp_size" in line or b"pause_phase" in line
+            line if line.startswith(b"#") or n.DP_SIZE.encode() in line or n.PHASE.encode() in line
             else line.rsplit(b" ", 1)[0] + b" " + value for line in full.splitlines()) + b"\n"
         view, verdict = _check(body)  # a rank, or named not one: never an exception
         assert verdict.kind in ("healthy", "not_dp_endpoint", "wedged", "pausing"), (value,

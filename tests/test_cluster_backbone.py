@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -9,8 +10,10 @@ import time
 import pytest
 
 from instrumented_core.cluster import Cluster, ClusterConfig, ClusterConfigError, CollectiveHang
-from instrumented_core.cluster.scenarios import (
+from instrumented_core.scenarios import (
+    ClusterClient,
     check_schedule,
+    pause_mode_round,
     run_random_schedule,
     upstream_deadlock_scenario,
 )
@@ -52,35 +55,26 @@ def test_upstream_scenario_hangs_with_legacy_and_is_reported(ranks):
     assert time.monotonic() - started < 30
 
 
-def test_keep_mode_keeps_requests_and_finishes_them_after_resume(dp2):
-    handles = [dp2.generate(200, rank=r % 2) for r in range(4)]
-    time.sleep(0.1)
-    dp2.pause("keep")
-    assert not any(h.future.done() for h in handles), "keep must not finish in-flight requests"
-    assert dp2.is_paused()
-    dp2.resume()
-    assert [h.result(20) for h in handles] == ["completed"] * 4
+#: tokens per request: running when the pause arrives (abort, keep), drained before it returns
+#: (wait)
+MODE_TOKENS = {"abort": 400, "wait": 60, "keep": 400}
 
 
-def test_abort_mode_reports_in_flight_requests_aborted(dp2):
-    handles = [dp2.generate(400, rank=r % 2) for r in range(4)]
-    time.sleep(0.1)
+@pytest.mark.parametrize("mode", ["abort", "wait", "keep"])
+def test_each_pause_mode_keeps_its_promise(dp2, mode):
+    """The same pause-mode round the real vLLM engine runs (tests/test_vllm.py)."""
+    got = asyncio.run(pause_mode_round(ClusterClient(dp2), mode, MODE_TOKENS[mode],
+                                       settle=0.05))
+    assert got.broken_promise() is None, got
+
+
+def test_a_request_sent_while_paused_is_queued_not_lost(dp2):
     dp2.pause("abort")
-    assert [h.result(5) for h in handles] == ["aborted"] * 4
-    queued = dp2.generate(3, rank=0)  # arrives while paused: queued, not lost
+    queued = dp2.generate(3, rank=0)
     time.sleep(0.2)
     assert not queued.future.done()
     dp2.resume()
     assert queued.result(10) == "completed"
-
-
-def test_wait_mode_drains_in_flight_requests_before_the_pause_returns(dp2):
-    handles = [dp2.generate(60, rank=r % 2) for r in range(4)]
-    time.sleep(0.05)
-    dp2.pause("wait")
-    assert all(h.future.done() for h in handles)
-    assert [h.result(0) for h in handles] == ["completed"] * 4
-    dp2.resume()
 
 
 def test_collective_rpc_while_paused(dp2):

@@ -13,6 +13,7 @@ import pytest
 from instrumented_core.cluster import Cluster, ClusterConfig
 from instrumented_core.doctor import EXIT_OK, EXIT_SLOW, EXIT_STUCK, run_doctor
 from instrumented_core.telemetry import TelemetryConfig
+from instrumented_core.telemetry import names as n
 
 pytestmark = pytest.mark.cluster
 
@@ -50,7 +51,7 @@ def test_demo_verdict_names_the_injected_fault(tmp_path, args, verdict, culprits
         assert summary["fault_rank"] is None  # injected on every rank
     assert summary["pauses"] == 1 and len(summary["sync_rounds"]) == summary["ranks"]
     assert (out / "report.html").stat().st_size > 1000
-    assert (out / "spans.jsonl").read_text().count('"dp.pause"') >= 1
+    assert (out / "spans.jsonl").read_text().count(f'"{n.SPAN_PAUSE}"') >= 1
     assert "metrics: http://127.0.0.1:" in result.stdout
     assert f"verdict: {verdict}" in result.stdout
     page = (out / "report.html").read_text()

@@ -32,19 +32,15 @@ from pathlib import Path
 import pytest
 
 from instrumented_core.cluster import Cluster, ClusterConfig
-from instrumented_core.cluster.scenarios import upstream_deadlock_scenario
+from instrumented_core.scenarios import (
+    ClusterClient,
+    pause_mode_round,
+    staggered_barrier,
+)
 from instrumented_core.scrape import RankSample, scrape
 from instrumented_core.telemetry import TelemetryConfig
 from instrumented_core.telemetry import names as n
-from tests.vllm_helpers import (
-    PROMPTS,
-    VllmEngine,
-    barrier_all,
-    bounded,
-    generate,
-    staggered_barrier_scenario,
-    wait_for,
-)
+from tests.vllm_helpers import MODE_TOKENS, VllmClient, VllmEngine, wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.cluster]
 
@@ -54,9 +50,7 @@ SCENARIOS = ("staggered_barrier", "abort", "wait", "keep")
 ORDINAL = {name: i + 1 for i, name in enumerate(SCENARIOS)}  # pause ordinal of each scenario
 STEP = 60.0
 FIRST_WAIT, GAP = 1.0, 2.0  # staggered barrier: engine 0's barrier -> routed request -> engine 1
-# tokens per request in the mode scenarios: still running when the pause arrives (abort, keep),
-# drained before it completes (wait)
-VLLM_TOKENS = {"abort": 400, "wait": 24, "keep": 48}
+# tokens per request in the mode rounds on the CPU cluster (vLLM's: MODE_TOKENS)
 CPU_TOKENS = {"abort": 4000, "wait": 100, "keep": 400}
 CPU_STEP_SECONDS = 0.005
 
@@ -178,45 +172,20 @@ def cpu_results(tmp_path_factory):
         targets = list(cluster.metrics_urls)
         obs = Observer(targets, spans)
         wait_idle(targets)
+        client = ClusterClient(cluster)
         obs.begin()
-        routed = upstream_deadlock_scenario(cluster, routed_rank=1, first_wait=FIRST_WAIT,
-                                            second_wait=GAP)
-        obs.end("staggered_barrier", requests=[routed])
+        out = asyncio.run(staggered_barrier(client, first_wait=FIRST_WAIT, gap=GAP))
+        obs.end("staggered_barrier", requests=[out.routed])
         for mode in ("abort", "wait", "keep"):
-            handles = [cluster.generate(CPU_TOKENS[mode], rank=r) for r in (0, 1)]
-            wait_for(lambda: all(s["running"] for s in cluster.stats()), 10,
-                     "requests running on both ranks")
-            time.sleep(0.3)  # as on the vLLM side
-            obs.begin()
-            cluster.pause(mode)
-            paused = cluster.is_paused()
-            cluster.collective_rpc(1)
-            cluster.barrier()
-            cluster.resume()
-            outcomes = [h.result(timeout=60) for h in handles]
-            obs.end(mode, paused=paused, requests=outcomes)
+            got = asyncio.run(pause_mode_round(client, mode, CPU_TOKENS[mode],
+                                               before_pause=obs.begin))
+            obs.end(mode, paused=got.paused, requests=got.outcomes)
     return obs.results
 
 
 # ----------------------------------------------------------------------------------------------
 # the same on vLLM
 # ----------------------------------------------------------------------------------------------
-
-
-async def _vllm_mode(llm, mode: str, obs: Observer) -> dict:
-    firsts = [asyncio.Event(), asyncio.Event()]
-    tasks = [asyncio.ensure_future(generate(llm, PROMPTS[r], max_tokens=VLLM_TOKENS[mode],
-                                            dp_rank=r, first_token=firsts[r])) for r in (0, 1)]
-    await bounded(asyncio.gather(*(e.wait() for e in firsts)), STEP, "first tokens")
-    await asyncio.sleep(0.3)  # the wave's START_DP_WAVE exchange settles, as on the CPU side
-    obs.begin()
-    await bounded(llm.pause_generation(mode=mode), STEP, f"pause({mode})")
-    paused = await bounded(llm.is_paused(), STEP, "is_paused")
-    await bounded(llm.collective_rpc("synchronize_device"), STEP, "collective_rpc")
-    await bounded(barrier_all(llm), STEP, "barrier while paused")
-    await bounded(llm.resume_generation(), STEP, "resume")
-    results = await bounded(asyncio.gather(*tasks), STEP, "requests")
-    return {"paused": paused, "requests": [r["finish_reason"] for r in results]}
 
 
 @pytest.fixture(scope="module")
@@ -227,22 +196,18 @@ def vllm_results(cpu_results, tmp_path_factory):
            "INSTRUMENTED_CORE_SPANS_FILE": str(spans)}
     engine = VllmEngine(env, cpu_timeout=30)
     try:
-        engine.start()
-        engine.wait_metrics(30)
-        # a fresh AsyncLLM routes a request sent while paused only after resume: warm up
-        engine.run(asyncio.gather(*(generate(engine.llm, PROMPTS[r], max_tokens=4, dp_rank=r)
-                                    for r in (0, 1))), STEP, "warm-up")
+        engine.start_served(STEP)
+        client = VllmClient(engine.llm, step_timeout=STEP)
         obs = Observer(engine.targets, spans)
         wait_idle(engine.targets)
         obs.begin()
-        out = engine.run(staggered_barrier_scenario(engine.llm, barrier_timeout=30.0, t=STEP,
-                                                    gap=GAP), 120, "staggered barrier")
-        obs.end("staggered_barrier", requests=[
-            "completed" if out["routed"]["finish_reason"] == "length" else "aborted"])
+        out = engine.run(staggered_barrier(client, first_wait=FIRST_WAIT, gap=GAP), 120,
+                         "staggered barrier")
+        obs.end("staggered_barrier", requests=[out.routed])
         for mode in ("abort", "wait", "keep"):
-            got = engine.run(_vllm_mode(engine.llm, mode, obs), 180, f"{mode} scenario")
-            reasons = ["aborted" if r == "abort" else "completed" for r in got["requests"]]
-            obs.end(mode, paused=got["paused"], requests=reasons)
+            got = engine.run(pause_mode_round(client, mode, MODE_TOKENS[mode],
+                                              before_pause=obs.begin), 180, f"{mode} round")
+            obs.end(mode, paused=got.paused, requests=got.outcomes)
         return obs.results
     finally:
         engine.close()

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 from instrumented_core.cluster import Cluster, ClusterConfig, CollectiveHang
-from instrumented_core.cluster.scenarios import (
+from instrumented_core.flight_analysis import analyze, load_dumps
+from instrumented_core.scenarios import (
     check_schedule,
     run_random_schedule,
     upstream_deadlock_scenario,
 )
-from instrumented_core.flight_analysis import analyze, load_dumps
 from instrumented_core.scrape import scrape_all
 from instrumented_core.telemetry import TelemetryConfig
 from instrumented_core.telemetry import names as n

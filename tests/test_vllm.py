@@ -9,24 +9,21 @@ each engine core over HTTP, spans from a real OTLP/gRPC receiver
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import urllib.request
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
+from instrumented_core.scenarios import pause_mode_round, staggered_barrier
 from instrumented_core.telemetry import names as n
 from instrumented_core_testing.otlp_sink import OtlpGrpcSink
 from tests.vllm_helpers import (
-    PROMPTS,
+    MODE_TOKENS,
+    VllmClient,
     VllmEngine,
-    barrier_all,
-    bounded,
     counters,
     delta,
-    generate,
-    staggered_barrier_scenario,
     token_runs,
     tokens_in_subprocess,
     wait_for,
@@ -69,13 +66,7 @@ def engine(baseline_tokens, sink):
     }
     eng = VllmEngine(env, cpu_timeout=30)
     try:
-        eng.start()
-        eng.wait_metrics(30)
-        # Warm-up: on a fresh AsyncLLM the first request submitted while paused is not routed
-        # until resume (vLLM front-end behaviour, with or without us); serve one per rank first.
-        eng.run(asyncio.gather(*(generate(eng.llm, PROMPTS[r], max_tokens=4, dp_rank=r)
-                                 for r in (0, 1))), STEP, "warm-up")
-        yield eng
+        yield eng.start_served(STEP)
     finally:
         eng.close()
 
@@ -97,10 +88,10 @@ def _phases(engine: VllmEngine) -> list[int]:
 
 def test_upstream_staggered_barrier_scenario_completes_and_both_ranks_show_the_pause(engine):
     before = _snap(engine)
-    result = engine.run(staggered_barrier_scenario(engine.llm, barrier_timeout=30.0, t=STEP),
+    result = engine.run(staggered_barrier(VllmClient(engine.llm, step_timeout=STEP), gap=2.0),
                         120, "staggered barrier scenario")
-    assert result["is_paused"]
-    assert result["routed"]["finish_reason"] == "length"
+    assert result.paused
+    assert result.routed == "completed"
     after = _snap(engine)
     for rank in (0, 1):
         d = delta(after[rank], before[rank])
@@ -114,8 +105,8 @@ def test_upstream_staggered_barrier_scenario_completes_and_both_ranks_show_the_p
     # START_DP_WAVE; both paused ranks drop it (the exclude field never matches in 0.32).
     ignored = [delta(after[r], before[r])["wave_ignored"] for r in (0, 1)]
     assert ignored[1] >= 1 and sum(ignored) >= 1, ignored
-    # engine 0 waited in the barrier for the staggered engine 1 (>= the 5 s gap)
-    assert delta(after[0], before[0])["barrier_seconds"] >= 4.0
+    # engine 0 waited in the barrier for the staggered engine 1 (>= the 2 s gap)
+    assert delta(after[0], before[0])["barrier_seconds"] >= 1.5
     assert _phases(engine) == [0, 0]
 
 
@@ -124,43 +115,21 @@ def test_upstream_staggered_barrier_scenario_completes_and_both_ranks_show_the_p
 # ----------------------------------------------------------------------------------------------
 
 
-async def _pause_round(llm, mode: str) -> dict:
-    max_tokens = {"abort": 400, "wait": 24, "keep": 48}[mode]
-    firsts = [asyncio.Event(), asyncio.Event()]
-    tasks = [asyncio.ensure_future(generate(llm, PROMPTS[r], max_tokens=max_tokens, dp_rank=r,
-                                            first_token=firsts[r])) for r in (0, 1)]
-    await bounded(asyncio.gather(*(e.wait() for e in firsts)), STEP, "first tokens")
-    await bounded(llm.pause_generation(mode=mode), STEP, f"pause({mode})")
-    paused = await bounded(llm.is_paused(), STEP, "is_paused")
-    done_at_pause = [t.done() for t in tasks]
-    return {"tasks": tasks, "paused": paused, "done_at_pause": done_at_pause,
-            "max_tokens": max_tokens}
-
-
 @pytest.mark.parametrize("mode", ["abort", "wait", "keep"])
 def test_pause_mode_counters_and_collective_rpc_while_paused(engine, mode):
+    seen: dict = {}
+
+    def while_paused() -> None:
+        seen["phases"], seen["mid"] = _phases(engine), _snap(engine)
+
     before = _snap(engine)
-    state = engine.run(_pause_round(engine.llm, mode), 120, f"{mode} pause")
-    assert state["paused"]
-    assert _phases(engine) == [2, 2]  # both engine cores report "paused" while paused
-    mid = _snap(engine)
-    rpc = engine.run(engine.llm.collective_rpc("check_health"), STEP, "collective_rpc")
-    assert rpc is not None
-    engine.run(barrier_all(engine.llm), STEP, "barrier while paused")
-    after_rpc = _snap(engine)
-    engine.run(engine.llm.resume_generation(), STEP, "resume")
-    results = engine.run(asyncio.gather(*state["tasks"]), STEP, "requests")
+    got = engine.run(pause_mode_round(VllmClient(engine.llm, step_timeout=STEP), mode,
+                                      MODE_TOKENS[mode], while_paused=while_paused,
+                                      after_collectives=lambda: seen.update(rpc=_snap(engine))),
+                     180, f"{mode} pause round")
     after = _snap(engine)
-    reasons = [r["finish_reason"] for r in results]
-    if mode == "abort":
-        assert reasons == ["abort", "abort"]
-    elif mode == "wait":
-        assert state["done_at_pause"] == [True, True]  # drained before the pause completed
-        assert reasons == ["length", "length"]
-    else:
-        assert state["done_at_pause"] == [False, False]  # frozen, finished after resume
-        assert reasons == ["length", "length"]
-        assert all(len(r["tokens"]) == state["max_tokens"] for r in results)
+    assert got.broken_promise() is None, got  # abort aborts, wait drains, keep keeps
+    assert seen["phases"] == [2, 2]  # both engine cores report "paused" while paused
     for rank in (0, 1):
         d = delta(after[rank], before[rank])
         assert d[f"pause_{mode}"] == 1, (rank, d)
@@ -168,7 +137,7 @@ def test_pause_mode_counters_and_collective_rpc_while_paused(engine, mode):
         assert d["consensus"] == 1 and d["resumes"] == 1, (rank, d)
         assert d["steps_real"] > 0, (rank, d)
         # collective_rpc and the barrier were observed while paused, without a resume
-        rpc_d = delta(after_rpc[rank], mid[rank])
+        rpc_d = delta(seen["rpc"][rank], seen["mid"][rank])
         assert rpc_d["rpc_seconds"] > 0 and rpc_d["barrier_seconds"] > 0, (rank, rpc_d)
         assert rpc_d["resumes"] == 0 and rpc_d["steps_real"] == 0, (rank, rpc_d)
     assert _phases(engine) == [0, 0]

@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from instrumented_core.telemetry import names as n
+
 pytestmark = pytest.mark.vllm
 
 
@@ -74,7 +76,7 @@ def test_vllm_demo_story_ends_with_the_doctor_naming_the_fault(tmp_path):
         assert f'"step": "{step}"' in events, events
     if VERDICT == "stuck":  # the whole story ran: resume, traffic, the fault, the recovery
         assert '"step": "more traffic"' in events and '"step": "fault"' in events
-        assert (out / "spans.jsonl").read_text().count('"dp.pause"') >= 2  # 1 pause x 2 ranks
+        assert (out / "spans.jsonl").read_text().count(f'"{n.SPAN_PAUSE}"') >= 2  # 1 pause x 2 ranks
         assert "all completed" in result.stdout  # SIGCONT: nothing lost
     assert "metrics: http://127.0.0.1:" in result.stdout
     assert f"verdict: {VERDICT}" in result.stdout

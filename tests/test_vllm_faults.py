@@ -18,17 +18,9 @@ import pytest
 
 from instrumented_core.doctor import run_doctor
 from instrumented_core.flight_analysis import analyze, load_dumps
+from instrumented_core.scenarios import ScenarioHang, staggered_barrier
 from instrumented_core.telemetry import names as n
-from tests.vllm_helpers import (
-    PROMPTS,
-    VllmEngine,
-    barrier_engine,
-    bounded,
-    generate,
-    new_request_id,
-    wait_for,
-    wait_routed,
-)
+from tests.vllm_helpers import PROMPTS, VllmClient, VllmEngine, generate, wait_for
 
 pytestmark = pytest.mark.vllm
 
@@ -76,24 +68,13 @@ def test_legacy_one_phase_pause_hangs_and_doctor_names_the_ranks(tmp_path):
     engine = VllmEngine({"IC_LEGACY_ONE_PHASE_PAUSE": "1", "INSTRUMENTED_CORE_FLIGHT_DIR":
                          str(flight), "INSTRUMENTED_CORE_WATCHDOG_SECONDS": "2"}, cpu_timeout=25)
     try:
-        engine.start()
-        engine.wait_metrics(30)
-        engine.run(asyncio.gather(*(generate(engine.llm, PROMPTS[r], max_tokens=4, dp_rank=r)
-                                    for r in (0, 1))), STEP, "warm-up")
+        engine.start_served(STEP)
         info = engine.scrape_all()[0].get(n.INFO_SERIES, None, protocol="legacy")
         assert info == 1.0  # the ranks report the legacy protocol
-
-        async def staggered():
-            await bounded(engine.llm.pause_generation(mode="keep"), STEP, "pause")
-            b0 = asyncio.ensure_future(barrier_engine(engine.llm, 0))
-            await asyncio.sleep(1.0)
-            rid = new_request_id("routed")
-            routed = asyncio.ensure_future(generate(engine.llm, PROMPTS[3], max_tokens=8,
-                                                    dp_rank=1, request_id=rid))
-            await wait_routed(engine.llm, rid, 10.0)
-            return b0, routed
-
-        b0, routed = engine.run(staggered(), 90, "legacy staggered scenario")
+        # the scenario gives up on its staggered barrier after 5 s; the engines stay
+        # deadlocked (until Gloo's 25 s bound), which is what the metrics and doctor must show
+        scenario = asyncio.ensure_future(staggered_barrier(
+            VllmClient(engine.llm, step_timeout=STEP, barrier_timeout=5.0)), loop=engine.loop)
 
         def hung():
             engine.loop.run_until_complete(asyncio.sleep(0.2))
@@ -103,13 +84,11 @@ def test_legacy_one_phase_pause_hangs_and_doctor_names_the_ranks(tmp_path):
 
         samples = wait_for(hung, 15, "rank 0 in the barrier, rank 1 stepping")
         assert (samples[1].get(n.START_DP_WAVE_TOTAL, 0.0, outcome="acted") or 0) >= 1
-        assert not b0.done()
         report = run_doctor(targets=engine.targets, threshold=2.0)
         assert report.verdict.kind == "deadlock", report.render()
         assert report.verdict.culprits == [1], report.render()
         assert report.verdict.victims == [0], report.render()
-        text = report.render()
-        assert "barrier" in text
+        assert "barrier" in report.render()
         # the flight recorder: both ranks dumped on their own; one analysis of the directory
         # names the first divergent DP collective and the START_DP_WAVE that woke rank 1
         wait_for(lambda: len({p.name[:15] for p in flight.glob("flight-rank*.json")}) == 2
@@ -119,8 +98,10 @@ def test_legacy_one_phase_pause_hangs_and_doctor_names_the_ranks(tmp_path):
         assert "rank 0 in barrier" in result.divergence, result.render()
         assert result.culprits == [1] and result.victims == [0], result.render()
         assert "START_DP_WAVE" in result.cause and "by rank 1" in result.cause, result.render()
-        for task in (b0, routed):
-            task.cancel()
+        # the scenario itself calls it a hang, naming the engine that never came back
+        with pytest.raises(ScenarioHang, match="staggered barrier did not return") as hang:
+            engine.run(scenario, 30, "legacy staggered scenario")
+        assert 0 in hang.value.waiting
     finally:
         t0 = time.monotonic()
         engine.close()

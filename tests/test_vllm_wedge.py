@@ -27,6 +27,8 @@ import time
 
 import pytest
 
+from instrumented_core.telemetry import names as n
+
 pytestmark = pytest.mark.vllm
 
 SEED = int(os.environ.get("IC_SEED", str(time.time_ns() % 100_000)))
@@ -164,7 +166,7 @@ def test_an_idle_engine_held_past_every_threshold_is_healthy_idle_and_fires_noth
         def idle_long(report) -> bool:
             verdict = report.verdict
             return verdict.kind == "healthy" and "idle" in verdict.summary and all(
-                time.time() - (s.get("vllm_dp_last_progress_timestamp_seconds") or 0)
+                time.time() - (s.get(n.LAST_PROGRESS) or 0)
                 > IDLE_HOLD for s in report.samples)
         report, _ = await doctor_until(engine.targets, idle_long, IDLE_HOLD + 30,
                                        "idle past every threshold")

@@ -14,9 +14,11 @@ from typing import Any
 
 from instrumented_core.vllm_support.engine import (  # noqa: F401 - re-exported for the tests
     COUNTERS,
+    MODE_TOKENS,
     PROMPTS,
     START_TIMEOUT,
     Traffic,
+    VllmClient,
     VllmEngine,
     barrier_all,
     barrier_engine,
@@ -27,7 +29,6 @@ from instrumented_core.vllm_support.engine import (  # noqa: F401 - re-exported 
     free_port_base,
     generate,
     new_request_id,
-    staggered_barrier_scenario,
     wait_for,
     wait_routed,
 )
@@ -89,9 +90,7 @@ def _baseline_main(out_path: str) -> int:
 
     engine = VllmEngine(metrics=False)
     try:
-        engine.start()
-        engine.run(asyncio.gather(*(generate(engine.llm, PROMPTS[r], max_tokens=4, dp_rank=r)
-                                    for r in (0, 1))), 60, "warm-up")
+        engine.start_served()
         tokens = engine.run(token_runs(engine.llm), 60, "baseline generation")
     finally:
         engine.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
+import os
 import queue
 import socket
 import threading
@@ -26,6 +27,7 @@ from instrumented_core.cluster.status import FIELDS, StatusBoard
 from instrumented_core.cluster.worker import worker_now
 from instrumented_core.diagnosis import RankView, Verdict, diagnose, worker_fields
 from instrumented_core.protocol import check_pause_mode
+from instrumented_core.stopping import spawn_target
 from instrumented_core.telemetry.worker_board import read_board, remove_board_files
 
 
@@ -105,13 +107,17 @@ class Cluster:
         # sleeping waiter to wake, and blocks forever once a waiting rank has died
         self._stop_flag = ctx.RawValue("b", 0)
         master_port = free_port()
-        self._coordinator = ctx.Process(target=coordinator_main, name="dp-coordinator",
-                                        args=(self._coord_inbox, self._inboxes, self._outbox),
+        # children die with this process even when it is killed without a word (the death
+        # signal follows the starting thread: only the main thread outlives the cluster)
+        parent = os.getpid() if threading.current_thread() is threading.main_thread() else None
+        self._coordinator = ctx.Process(target=spawn_target, name="dp-coordinator",
+                                        args=(parent, coordinator_main, self._coord_inbox,
+                                              self._inboxes, self._outbox),
                                         daemon=True)
-        self._ranks = [ctx.Process(target=rank_main, name=f"dp-rank-{r}", daemon=True,
-                                   args=(r, cfg, master_port, self._inboxes[r], self._outbox,
-                                         self._coord_inbox, self._board_array,
-                                         self._stop_flag))
+        self._ranks = [ctx.Process(target=spawn_target, name=f"dp-rank-{r}", daemon=True,
+                                   args=(parent, rank_main, r, cfg, master_port,
+                                         self._inboxes[r], self._outbox, self._coord_inbox,
+                                         self._board_array, self._stop_flag))
                        for r in range(cfg.ranks)]
         self._procs = [self._coordinator, *self._ranks]
         self._ready = [threading.Event() for _ in range(cfg.ranks)]

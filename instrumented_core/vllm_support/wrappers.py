@@ -112,6 +112,30 @@ def _wrap_has_global_unfinished_reqs(orig: Callable, inst: VllmDpInstrumentor) -
     return _has_global_unfinished_reqs
 
 
+def _timed(obs: Any, collective: str, orig: Callable, self: Any, args: tuple, kwargs: dict,
+           then: Callable[[Any], None] | None = None) -> Any:
+    """Call ``orig`` timed as inside ``collective`` on the rank's probe (what a stuck rank's
+    metrics show), then ``then(obs)``, also when it raises. The per-step path: the probe's
+    collective calls only assign attributes and cannot raise, so no guard here."""
+    probe = obs.probe
+    probe.collective_begin(collective)
+    started = time.perf_counter()
+    try:
+        return orig(self, *args, **kwargs)
+    finally:
+        probe.collective_end(collective, time.perf_counter() - started)
+        if then is not None:
+            then(obs)
+
+
+def _after_dummy_batch(obs: Any) -> None:
+    obs.dummy_step = True
+
+
+def _after_collective(obs: Any) -> None:
+    obs.probe.progress()
+
+
 def _wrap_execute_dummy_batch(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
     @functools.wraps(orig)
     def execute_dummy_batch(self, *args, **kwargs):
@@ -119,13 +143,7 @@ def _wrap_execute_dummy_batch(orig: Callable, inst: VllmDpInstrumentor) -> Calla
         if obs is None:
             return orig(self, *args, **kwargs)
         # A dummy batch exists only to join the peers' step collectives: time it as "step".
-        obs.probe.collective_begin(n.COLLECTIVE_STEP)
-        started = time.perf_counter()
-        try:
-            return orig(self, *args, **kwargs)
-        finally:
-            obs.dummy_step = True
-            obs.probe.collective_end(n.COLLECTIVE_STEP, time.perf_counter() - started)
+        return _timed(obs, n.COLLECTIVE_STEP, orig, self, args, kwargs, _after_dummy_batch)
 
     return execute_dummy_batch
 
@@ -138,13 +156,7 @@ def _wrap_step(orig: Callable, inst: VllmDpInstrumentor) -> Callable:
             return orig(self, *args, **kwargs)
         # The engine core waits here for its workers' forward: a rank wedged in the model
         # reads as "inside step" with a growing time, never as idle.
-        probe = obs.probe
-        probe.collective_begin(n.COLLECTIVE_STEP)
-        started = time.perf_counter()
-        try:
-            return orig(self, *args, **kwargs)
-        finally:
-            probe.collective_end(n.COLLECTIVE_STEP, time.perf_counter() - started)
+        return _timed(obs, n.COLLECTIVE_STEP, orig, self, args, kwargs)
 
     step.__dict__[WRAPPED_MARK] = True
     return step
@@ -252,13 +264,7 @@ def _wrap_collective(name: str) -> Callable:
             obs = observer_of(self)
             if obs is None:
                 return orig(self, *args, **kwargs)
-            obs.probe.collective_begin(name)
-            started = time.perf_counter()
-            try:
-                return orig(self, *args, **kwargs)
-            finally:
-                obs.probe.collective_end(name, time.perf_counter() - started)
-                obs.probe.progress()
+            return _timed(obs, name, orig, self, args, kwargs, _after_collective)
 
         return collective
 
