@@ -55,7 +55,14 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 class FetchError(Exception):
-    """An HTTP read that did not give a complete answer in time; the message is one line."""
+    """An HTTP read that did not give a complete answer in time; the message is one line.
+    ``kind`` is how it failed, a key of ``diagnosis.NO_ANSWER``: ``unreachable`` (no
+    connection: no route, or the connect timed out), ``unresponsive`` (connected, no
+    complete answer in time), ``refused``, or "" (anything else, or through a proxy)."""
+
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class AnswerTooLarge(FetchError):
@@ -71,6 +78,8 @@ class RankSample:
     values: dict[tuple[str, frozenset], float] = field(default_factory=dict)
     #: why an answer is not a vLLM DP endpoint's exposition ("" when it is one)
     problem: str = ""
+    #: how an unreachable target failed (``FetchError.kind``; "" when not known)
+    no_answer: str = ""
 
     def get(self, name: str, default: float | None = None, **labels: str) -> float | None:
         """The one series ``name`` whose labels include ``labels`` (engine/model ignored)."""
@@ -241,6 +250,16 @@ def http_get(url: str, timeout: float, max_bytes: int = MAX_BODY_BYTES) -> tuple
     timer.daemon = True
     timer.start()
     try:
+        if proxy is None and parts.scheme == "http":  # alone: a failure here is the path
+            try:
+                conn.connect()
+            except ConnectionRefusedError:
+                raise FetchError("connection refused", "refused") from None
+            except OSError as e:
+                reason = (f"no connection within {timeout:g} s" if expired.is_set()
+                          or isinstance(e, TimeoutError) else
+                          f"{type(e).__name__}: {e.strerror or e}")
+                raise FetchError(reason, "unreachable") from None
         conn.request("GET", path, headers={"Accept": "text/plain, application/json, */*"})
         response = conn.getresponse()
         chunks: list[bytes] = []
@@ -254,13 +273,14 @@ def http_get(url: str, timeout: float, max_bytes: int = MAX_BODY_BYTES) -> tuple
                 raise AnswerTooLarge(f"its answer is larger than {max_bytes} bytes")
             chunks.append(chunk)
         if expired.is_set():
-            raise FetchError(f"no complete answer within {timeout:g} s")
+            raise FetchError(f"no complete answer within {timeout:g} s", "unresponsive")
         return response.status, b"".join(chunks)
     except FetchError:
         raise
     except Exception as e:  # noqa: BLE001 - every failure of the read is one line
         if expired.is_set():
-            raise FetchError(f"no complete answer within {timeout:g} s") from None
+            raise FetchError(f"no complete answer within {timeout:g} s",
+                             "unresponsive" if proxy is None else "") from None
         reason = str(e).splitlines()[0] if str(e) else ""
         raise FetchError(f"{type(e).__name__}: {reason}" if reason else type(e).__name__) \
             from None
@@ -297,7 +317,7 @@ def scrape(target: str, timeout: float = 1.0,
     except AnswerTooLarge as e:
         return RankSample(target, True, str(e), time.time(), problem=str(e))
     except FetchError as e:
-        return RankSample(target, False, str(e), time.time())
+        return RankSample(target, False, str(e), time.time(), no_answer=e.kind)
     return sample_of_answer(target, status, body, only)
 
 
@@ -332,7 +352,8 @@ def to_view(sample: RankSample, rank: int, previous: RankSample | None = None) -
     Never raises: an answer that is not our exposition, or holds values no rank of ours can
     export (NaN, infinities), is a view with ``not_endpoint`` set, never a healthy rank."""
     if not sample.reachable:
-        return RankView(rank=rank, reachable=False, source=sample.target)
+        return RankView(rank=rank, reachable=False, source=sample.target,
+                        no_answer=sample.no_answer)
     problem = endpoint_problem(sample)
     if not problem:
         try:
