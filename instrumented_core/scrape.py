@@ -547,18 +547,49 @@ def prometheus_samples(base_url: str, timeout: float = 2.0,
     # a dead rank has no fresh series: name it from the engine its target last exported
     last_of = {item["metric"].get("instance", ""): item for item in last
                if item["metric"].get("job", "") == job}
-    for item in prometheus_query(base_url, f'up{{job="{_escape(job)}"}} == 0', timeout):
+    down = prometheus_query(base_url, f'up{{job="{_escape(job)}"}} == 0', timeout)
+    errors = prometheus_scrape_errors(base_url, timeout) if down else {}
+    for item in down:
         instance = item["metric"].get("instance", "")
         if instance not in last_of:
             continue
         labels = dict(last_of[instance]["metric"])
         for drop in ("__name__", "instance", "job"):
             labels.pop(drop, None)
-        dead = RankSample(instance, False, "target down (up == 0)", now)
+        error = errors.get(instance, "")
+        dead = RankSample(instance, False, "target down (up == 0)" + (
+            f": {error}" if error else ""), now, no_answer=scrape_error_kind(error))
         dead.values[(n.DP_SIZE, frozenset(labels.items()))] = float(last_of[instance]["value"][1])
         by_instance[instance] = dead
     return sorted(by_instance.values(), key=lambda s: (s.engine is None, s.engine or 0,
                                                         s.target))
+
+
+def scrape_error_kind(error: str) -> str:
+    """How a scrape failed, from Prometheus' ``lastError`` (a key of ``diagnosis.NO_ANSWER``):
+    Go's dialer names a refusal and a missing route; a deadline alone cannot tell a frozen
+    process from a host whose packets vanish, so it is ``timeout``."""
+    text = error.lower()
+    if "connection refused" in text:
+        return "refused"
+    if any(w in text for w in ("no route to host", "network is unreachable",
+                               "host is unreachable", "dial tcp")):
+        return "unreachable"
+    if "deadline exceeded" in text or "timeout" in text:
+        return "timeout"
+    return ""
+
+
+def prometheus_scrape_errors(base_url: str, timeout: float) -> dict[str, str]:
+    """``instance`` -> the last scrape error of each active target that has one (empty when
+    Prometheus' targets API cannot be read: the verdict then just says "no answer")."""
+    try:
+        status, body = http_get(base_url.rstrip("/") + "/api/v1/targets?state=active", timeout)
+        active = json.loads(body)["data"]["activeTargets"] if status == 200 else []
+        return {str(t["labels"]["instance"]): str(t.get("lastError") or "")
+                for t in active if t.get("lastError")}
+    except (FetchError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _escape(value: str) -> str:
