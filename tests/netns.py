@@ -7,7 +7,7 @@ interface, no address and no route, so nothing outside the lab can see its priva
         |- vh1 <-veth-> host1 ns: eth0 = 10.N.M.11   (ranks 0..k-1)
         |- vh2 <-veth-> host2 ns: eth0 = 10.N.M.12   (ranks k..)
 
-Names are unique per run (``ic<pid><rand>-mon`` ...), and :meth:`Lab.close` removes every
+Names are unique per run (``icnet-<pid>-<rand>-mon`` ...), and :meth:`Lab.close` removes every
 namespace it made (deleting a namespace removes its veths and the bridge with it); use it as
 a context manager so a failing or timed-out test still cleans up. Faults are real network
 operations: a link set down (host partition), an ``unreachable`` route in the monitor only
@@ -60,6 +60,34 @@ def check_available() -> None:
     _ip("netns", "del", name, check=False)
 
 
+#: Every namespace a lab makes is named ``<PREFIX><pid>-<random>-...``: unique per run, and a
+#: run killed before its clean-up (SIGKILL by a timeout) is recognised by its dead pid.
+PREFIX = "icnet-"
+
+
+def _end_processes_in(ns: str) -> None:
+    """SIGKILL what still runs inside one of our namespaces (a test's children that escaped
+    its own clean-up); nothing outside it is touched."""
+    r = _ip("netns", "pids", ns, check=False)
+    for pid in r.stdout.split():
+        try:
+            os.kill(int(pid), 9)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def sweep_stale() -> None:
+    """Remove the namespaces of labs whose process is gone (killed before its clean-up)."""
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if not name.startswith(PREFIX):
+            continue
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            _end_processes_in(name)
+            _ip("netns", "del", name, check=False)
+
+
 @dataclass
 class Host:
     index: int
@@ -71,7 +99,7 @@ class Host:
 @dataclass
 class Lab:
     hosts_count: int = 2
-    tag: str = field(default_factory=lambda: f"ic{os.getpid() % 100000}{secrets.token_hex(2)}")
+    tag: str = field(default_factory=lambda: f"{PREFIX}{os.getpid()}-{secrets.token_hex(2)}")
     hosts: list[Host] = field(default_factory=list)
     monitor: str = ""
     subnet: str = ""
@@ -79,6 +107,7 @@ class Lab:
 
     def __enter__(self) -> Lab:
         check_available()
+        sweep_stale()
         try:
             self._build()
         except BaseException:
@@ -122,6 +151,7 @@ class Lab:
         """Remove every namespace this lab made (idempotent). Processes still inside keep
         running: end them first."""
         for ns in reversed(self._made):
+            _end_processes_in(ns)
             _ip("netns", "del", ns, check=False)
         self._made.clear()
 

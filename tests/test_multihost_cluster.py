@@ -24,7 +24,7 @@ import pytest
 from instrumented_core.cluster import Cluster, ClusterConfig
 from instrumented_core.doctor import DoctorReport, run_doctor
 from instrumented_core.telemetry import TelemetryConfig
-from tests.netns import Lab, LabUnavailable, inside, namespaces_left
+from tests.netns import PREFIX, Lab, LabUnavailable, inside, namespaces_left
 
 pytestmark = pytest.mark.cluster
 
@@ -191,3 +191,21 @@ def test_a_killed_rank_on_the_second_host_is_down(lab, cluster):
     assert report.verdict.culprits == [3], text
     assert f"rank 3 unreachable: down (connection refused) (host {lab.hosts[1].address})" \
         in text
+
+
+def test_the_lab_is_removed_on_failure_and_a_killed_run_is_swept():
+    lab = Lab(2)
+    with pytest.raises(RuntimeError, match="boom"), lab:
+        assert len(namespaces_left(lab.tag)) == 3  # monitor + 2 hosts
+        raise RuntimeError("boom")
+    assert namespaces_left(lab.tag) == []
+    # a run killed before its clean-up: its namespace names a pid that no longer exists
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{PREFIX}{dead.pid}-beef-mon"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    try:
+        with Lab(2):
+            assert namespaces_left(stale) == []
+    finally:
+        subprocess.run(["ip", "netns", "del", stale], capture_output=True)
