@@ -89,8 +89,8 @@ def held(summary: str) -> set[int]:
 def wait_held(lab: Lab, cluster: Cluster, ranks: set[int], timeout: float = 20.0):
     """Until the doctor says every one of ``ranks`` waits for the silent ones: in sync_dp_state
     or, when the fault struck between two sync rounds, in the cross-rank model collective of
-    their next step (the cluster models DP+EP: every step has one; which one the peers block
-    in first is down to timing; the real vLLM test sees sync_dp_state)."""
+    their next step (the cluster models DP+EP: every step has one, as vLLM's MoE layers'
+    DP all-gather; which one the peers block in first is down to timing)."""
     deadline = time.monotonic() + timeout
     while True:
         report = doctor(lab, cluster)
