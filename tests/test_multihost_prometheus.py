@@ -83,7 +83,7 @@ def setup(tmp_path_factory):
         assert namespaces_left(lab.tag) == []
 
 
-def sync_wait_mean(prom: Prometheus, engines: str, window: str = "8s") -> float:
+def sync_wait_mean(prom: Prometheus, engines: str, window: str = "5s") -> float:
     sel = f'{{job="vllm-dp",engine=~"{engines}"}}'
     [r] = prom.query(f"sum(increase({n.SYNC_WAIT}_sum{sel}[{window}])) / "
                      f"sum(increase({n.SYNC_WAIT}_count{sel}[{window}]))")
@@ -95,11 +95,11 @@ def test_a_slow_link_slows_the_sync_rounds_and_fires_no_alert(setup):
     with inside(lab.monitor):
         handles = [cluster.generate(10**7, rank=r) for r in range(RANKS)]
         start = time.time()
-        time.sleep(9)  # let the 8 s window fill with fast rounds: a rate needs the time
+        time.sleep(6)  # let the 5 s window fill with fast rounds: a rate needs the time
         fast = sync_wait_mean(prom, "0|1")
         lab.slow_link(lab.hosts[1], rate="1mbit")
         try:
-            time.sleep(9)
+            time.sleep(6)
             slow = sync_wait_mean(prom, "0|1")
             report = run_doctor(prometheus=prom.url)
         finally:
