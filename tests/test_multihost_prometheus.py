@@ -4,8 +4,9 @@
 - a slow link to the second host (a token-bucket rate limit: this kernel has no netem) makes
   the sync rounds slower, the sync-wait histogram shows it, and no alert fires below the
   thresholds;
-- a partition of the second host fires ``VllmDpPeersStalledOnUnreachableRank`` for its ranks
-  and ``doctor --prometheus`` names them; after the partition heals the group steps again.
+- a partition of the second host fires ``VllmDpPeersStalledOnUnreachableRank`` for its ranks,
+  the Alertmanager on the monitor host delivers it (shipped route) and ``doctor --prometheus``
+  names them; after the partition heals the group steps again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from instrumented_core.telemetry import TelemetryConfig
 from instrumented_core.telemetry import names as n
 from tests.helpers import require_tool
 from tests.netns import Lab, LabUnavailable, inside, namespaces_left
-from tests.prom_helpers import OTEL, Prometheus
+from tests.prom_helpers import OTEL, Prometheus, Server
+from tests.test_ops_live import Webhook, alertmanager_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus]
 
@@ -31,14 +33,14 @@ RANKS = 4
 ALERT = "VllmDpPeersStalledOnUnreachableRank"
 
 
-def multihost_config(tmp, interval: str = "1s") -> dict:
+def multihost_config(tmp, alertmanager: str, interval: str = "1s") -> dict:
     """The shipped multi-host config with the test's intervals, absolute rule paths, its
-    file_sd directory and no Alertmanager."""
+    file_sd directory and the monitor host's Alertmanager (``host:port``)."""
     config = yaml.safe_load((OTEL / "prometheus-multihost.yml").read_text())
     config["global"].update(scrape_interval=interval, scrape_timeout=interval,
                             evaluation_interval=interval)
     config["rule_files"] = [str((OTEL / f).resolve()) for f in config["rule_files"]]
-    config.pop("alerting")
+    config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
     [job] = config["scrape_configs"]
     [sd] = job["file_sd_configs"]
     sd["files"] = [str(tmp / f) for f in sd["files"]]
@@ -54,7 +56,7 @@ def setup(tmp_path_factory):
         lab = Lab(2).__enter__()
     except LabUnavailable as e:
         pytest.fail(f"multi-host tests cannot make network namespaces here: {e}")
-    prom = None
+    prom = alertmanager = webhook = None
     try:
         cfg = ClusterConfig(ranks=RANKS, sync_interval=16, hang_timeout=120,
                             collective_timeout=120, hosts=lab.rank_hosts(RANKS),
@@ -67,7 +69,20 @@ def setup(tmp_path_factory):
                 (tmp / "targets" / f"vllm-dp-host{h.index}.json").write_text(json.dumps([{
                     "targets": [f"{h.address}:{8100 + r}" for r in ranks],
                     "labels": {"host": f"host{h.index}"}}]))
-            (tmp / "prometheus.yml").write_text(yaml.safe_dump(multihost_config(tmp)))
+            # Alertmanager and its webhook receiver on the monitor host, with the shipped route
+            webhook = Webhook()
+            (tmp / "alertmanager.yml").write_text(
+                yaml.safe_dump(alertmanager_config(webhook.url)))
+            am_port = free_port()
+            alertmanager = Server("alertmanager", [
+                require_tool("prometheus-alertmanager"),
+                f"--config.file={tmp / 'alertmanager.yml'}",
+                f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=",
+                f"--storage.path={tmp / 'am-data'}", "--log.level=warn",
+            ], f"http://127.0.0.1:{am_port}", tmp / "alertmanager.log")
+            alertmanager.wait_ready("/-/ready")
+            (tmp / "prometheus.yml").write_text(yaml.safe_dump(
+                multihost_config(tmp, f"127.0.0.1:{am_port}")))
             port = free_port()
             prom = Prometheus("prometheus", [
                 binary, f"--config.file={tmp / 'prometheus.yml'}",
@@ -75,10 +90,14 @@ def setup(tmp_path_factory):
                 "--log.level=warn"], f"http://127.0.0.1:{port}", tmp / "prometheus.log")
             prom.wait_ready("/-/ready")
             prom.wait_targets_up(RANKS)
-            yield lab, cluster, prom
+            yield lab, cluster, prom, webhook
     finally:
         if prom is not None:
             prom.stop()
+        if alertmanager is not None:
+            alertmanager.stop()
+        if webhook is not None:
+            webhook.close()
         lab.close()
         assert namespaces_left(lab.tag) == []
 
@@ -91,7 +110,7 @@ def sync_wait_mean(prom: Prometheus, engines: str, window: str = "5s") -> float:
 
 
 def test_a_slow_link_slows_the_sync_rounds_and_fires_no_alert(setup):
-    lab, cluster, prom = setup
+    lab, cluster, prom, _ = setup
     with inside(lab.monitor):
         handles = [cluster.generate(10**7, rank=r) for r in range(RANKS)]
         start = time.time()
@@ -114,7 +133,7 @@ def test_a_slow_link_slows_the_sync_rounds_and_fires_no_alert(setup):
 
 
 def test_a_partitioned_host_fires_the_alert_and_the_doctor_names_its_ranks(setup):
-    lab, cluster, prom = setup
+    lab, cluster, prom, webhook = setup
     with inside(lab.monitor):
         handles = [cluster.generate(10**7, rank=r) for r in range(RANKS)]
         prom.wait_for("sync rounds", lambda: prom.query(
@@ -134,6 +153,11 @@ def test_a_partitioned_host_fires_the_alert_and_the_doctor_names_its_ranks(setup
             # deadline (frozen or partitioned: it cannot tell); the host is named either way
             assert f"(host {lab.hosts[1].address})" in text, text
             assert "down (connection refused)" not in text, text
+            # critical: the shipped route pages without a grouping delay, one per rank
+            prom.wait_for("the alert at the webhook", lambda: {
+                a["labels"].get("engine") for a in webhook.alerts()
+                if a["labels"].get("alertname") == ALERT and a["status"] == "firing"}
+                == {"2", "3"}, timeout=30)
         finally:
             lab.heal(lab.hosts[1])
         print(f"partition -> {ALERT} firing: {seconds:.1f} s")
