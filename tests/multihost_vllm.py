@@ -188,14 +188,26 @@ class TwoHostVllm:
 
 def _front_main(model: str, address: str, cpu_timeout: int) -> int:
     from instrumented_core.vllm_support.engine import (
+        PROMPTS,
         Traffic,
         VllmEngine,
+        generate,
         staggered_barrier_scenario,
     )
 
+    # the answers get the pipe to the test; everything else (vLLM's logs) goes to stderr
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+
     def say(**msg: Any) -> None:
-        sys.stdout.write(json.dumps(msg, default=str) + "\n")
-        sys.stdout.flush()
+        answers.write(json.dumps(msg, default=str) + "\n")
+        answers.flush()
+
+    def state() -> str:
+        client = engine.llm.engine_core
+        return (f"client {type(client).__name__}, in flight "
+                f"{list(getattr(client, 'reqs_in_flight', {}))}, tasks "
+                f"{[t.get_coro().__qualname__ for t in asyncio.all_tasks() if not t.done()]}")
 
     engine = VllmEngine(port_base=PORT_BASE, cpu_timeout=cpu_timeout, overrides={
         "data_parallel_size_local": 1, "data_parallel_address": address,
@@ -214,7 +226,12 @@ def _front_main(model: str, address: str, cpu_timeout: int) -> int:
                 msg = json.loads(line)
                 cmd = msg["cmd"]
                 try:
-                    if cmd == "staggered":
+                    if cmd == "warmup":
+                        outs = await asyncio.gather(*(
+                            generate(engine.llm, PROMPTS[r], max_tokens=4, dp_rank=r)
+                            for r in (0, 1)))
+                        say(event=cmd, tokens=[len(o["tokens"]) for o in outs])
+                    elif cmd == "staggered":
                         t0 = time.monotonic()
                         out = await staggered_barrier_scenario(engine.llm, barrier_timeout=60.0,
                                                                t=60.0, gap=msg.get("gap", 3.0))
@@ -237,7 +254,7 @@ def _front_main(model: str, address: str, cpu_timeout: int) -> int:
                     else:
                         say(error=f"unknown command {cmd!r}")
                 except Exception as e:  # noqa: BLE001 - reported to the test, which fails
-                    say(error=f"{cmd}: {type(e).__name__}: {e}")
+                    say(error=f"{cmd}: {type(e).__name__}: {e} ({state()})")
 
         engine.run(serve(), 3600, "front end")
     except Exception as e:  # noqa: BLE001

@@ -39,7 +39,9 @@ def lab():
 def deployment(lab, tmp_path_factory):
     dep = TwoHostVllm(lab, tmp_path_factory.mktemp("two-host-vllm"), cpu_timeout=120)
     try:
-        yield dep.start()
+        dep.start()
+        assert dep.call("warmup", timeout=120)["tokens"] == [4, 4]
+        yield dep
     finally:
         dep.close()
 
