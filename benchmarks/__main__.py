@@ -2,7 +2,9 @@
 
 Sections, run in this order (also with --only): overhead, detection, pause, scale, exporter,
 vllm (the real engine; not in --quick), hooks (the vLLM step wrapper and the worker board;
-against the vllm section's step when it ran in the same invocation). Progress goes to stderr.
+against the vllm section's step when it ran in the same invocation), multihost (DP over two
+network-namespace hosts: the sync all-reduce over the bridge, partition detection; root;
+not in --quick). Progress goes to stderr.
 Every child process (cluster ranks, Gloo workers, Prometheus, vLLM engines) is ended before
 the command returns.
 """
@@ -14,7 +16,7 @@ import logging
 import sys
 import time
 
-SECTIONS = ("overhead", "detection", "pause", "scale", "exporter", "vllm", "hooks")
+SECTIONS = ("overhead", "detection", "pause", "scale", "exporter", "vllm", "hooks", "multihost")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         detection,
         exporter,
         hooks,
+        multihost,
         overhead,
         pause_latency,
         scale,
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import cleanup, emit, log
 
     sections = [s for s in SECTIONS if (s in args.only if args.only else
-                                        not (args.quick and s == "vllm"))]
+                                        not (args.quick and s in ("vllm", "multihost")))]
     started = time.monotonic()
     step_seconds = None
     vllm_measured = None
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 vllm_measured = vllm_engine.run(args.quick)
             elif section == "hooks":
                 hooks.run(args.quick, vllm_measured)
+            elif section == "multihost":
+                multihost.run(args.quick, with_alert=not (args.quick or args.no_alert))
         except Exception as e:  # noqa: BLE001 - one failed section must not hide the others
             failed.append(section)
             log(f"{section} failed: {e!r}")

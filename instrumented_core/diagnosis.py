@@ -56,14 +56,32 @@ from dataclasses import dataclass, field
 
 from instrumented_core.telemetry.names import (
     COLLECTIVE_STEP,
+    COLLECTIVE_SYNC,
     CROSS_RANK_COLLECTIVES,
     ENGINE_TO_WORKER_CALLS,
 )
 
 VERDICTS = ("healthy", "pausing", "paused", "stuck", "deadlock", "wedged", "slow",
-            "not_converging", "incomplete", "mixed", "not_dp_endpoint")
+            "not_converging", "incomplete", "mixed", "not_dp_endpoint", "unobserved")
 #: Verdicts about what was read rather than about the ranks: the doctor cannot vouch for them.
-DOUBT_VERDICTS = ("incomplete", "mixed", "not_dp_endpoint")
+DOUBT_VERDICTS = ("incomplete", "mixed", "not_dp_endpoint", "unobserved")
+#: How a rank's endpoint failed to answer (``RankView.no_answer``), in words. The first three
+#: are told apart by the TCP exchange: no connection at all, a connection and no answer (the
+#: kernel still accepts for a frozen process), or a refusal (nothing listens).
+NO_ANSWER = {
+    "unreachable": "unreachable from the monitor (no connection: its host is partitioned or "
+                   "down, or the monitor's path to it is cut)",
+    "unresponsive": "unresponsive (its port accepts, no answer in time: the process is frozen, "
+                    "e.g. SIGSTOP, or a C call holds its GIL; not dead)",
+    "refused": "down (connection refused: nothing serves its port, its process is gone)",
+    "timeout": "not answering in time (frozen, or its host unreachable: the scraper cannot "
+               "say which)",
+    "": "no answer from its metrics endpoint (dead or wedged)",
+}
+NO_ANSWER_SHORT = {"unreachable": "no connection from the monitor",
+                   "unresponsive": "unresponsive (connects, never answers)",
+                   "refused": "down (connection refused)",
+                   "timeout": "no answer in time", "": "dead or wedged"}
 #: Sync rounds a rank may pend through: consensus takes one round once every rank has voted,
 #: one more if the request reached a rank just after a round began.
 MAX_PENDING_ROUNDS = 3
@@ -100,6 +118,8 @@ class RankView:
     model_collectives_advanced: int | None = None
     #: where it was read (host:port, a Prometheus instance), for messages
     source: str = ""
+    #: why an unreachable rank gave no answer: a key of ``NO_ANSWER`` ("": not known)
+    no_answer: str = ""
     #: why the target that answered is not a vLLM DP endpoint of ours (None: it is one)
     not_endpoint: str | None = None
     #: the plugin is off on this rank (a status-only endpoint): its reason, e.g.
@@ -286,6 +306,62 @@ def _foreign(v: RankView) -> str:
     return f"{v.source or f'target {v.rank}'}: {v.not_endpoint}"
 
 
+def _host(v: RankView) -> str:
+    """The host part of where a rank was read (``10.0.0.12:8103`` -> ``10.0.0.12``)."""
+    host = v.source.rsplit(":", 1)[0] if ":" in v.source else v.source
+    return host.strip("[]")
+
+
+def _no_answer(dead: list[RankView], live: list[RankView], total: int,
+               threshold: float) -> Verdict:
+    """Rule 1: ranks whose endpoints do not answer, named by how they failed and where.
+
+    Only "unreachable from the monitor" can leave the ranks themselves fine: when their peers
+    keep making progress and none waits in a cross-rank collective, the sync rounds that need
+    every rank still complete, so the unreachable ranks still step; the monitor's path to them
+    is what broke (``unobserved``, a doubt). Otherwise the ranks that do not answer are the
+    culprits and the live ranks, named with the collective they wait in, the victims."""
+    def blocked_in(v: RankView) -> str:
+        """The collective a live rank has been held in for ``threshold`` ("" if none)."""
+        if v.collective in CROSS_RANK_COLLECTIVES and v.inside_seconds >= threshold:
+            return v.collective
+        if v.model_collective and v.model_collective_seconds >= threshold:
+            return f"a step (its workers in the model collective {v.model_collective})"
+        if v.collective and v.inside_seconds >= threshold:
+            return f"{v.collective} (an engine-to-worker call)"
+        return ""
+
+    waiting = [v for v in live if blocked_in(v)]
+    progressing = [v for v in live if v.progress_age < threshold]
+    groups: dict[tuple[str, str], list[RankView]] = {}
+    for v in dead:
+        groups.setdefault((v.no_answer if v.no_answer in NO_ANSWER else "", _host(v)),
+                          []).append(v)
+    where = "; ".join(f"{_ranks(vs)} unreachable: {NO_ANSWER_SHORT[kind]}"
+                      + (f" (host {host})" if host else "")
+                      for (kind, host), vs in sorted(groups.items()))
+    details = [f"rank {v.rank} ({v.source or 'no address'}): "
+               f"{NO_ANSWER.get(v.no_answer, NO_ANSWER[''])}" for v in dead]
+    details += [_detail(v) for v in waiting]
+    if (live and all(v.no_answer == "unreachable" for v in dead) and not waiting
+            and len(progressing) == len(live) and any(_has_work(v) for v in live)):
+        return Verdict("unobserved", [v.rank for v in dead], [],
+                       f"{where}, but their {len(live)} peers keep stepping (no sync round "
+                       "waits on them), so they still step: the monitor's path to that host "
+                       "is cut, not the ranks", details)
+    pronoun = "it" if len(dead) == 1 else "them"
+    by_place: dict[str, list[RankView]] = {}
+    for v in waiting:
+        by_place.setdefault(blocked_in(v), []).append(v)
+    held = ", ".join(f"{_ranks(vs)} {'waits' if len(vs) == 1 else 'wait'} for {pronoun} "
+                     f"in {place}" for place, vs in sorted(
+                         by_place.items(), key=lambda kv: (kv[0] != COLLECTIVE_SYNC, kv[0])))
+    stopped = (f"; {'it' if len(dead) == 1 else 'they'} stopped stepping: {held}"
+               if waiting else "")
+    return Verdict("stuck", [v.rank for v in dead], [v.rank for v in live],
+                   f"{where}; {len(live)} of {total} ranks answer{stopped}", details)
+
+
 def _rest(views: list[RankView], threshold: float) -> list[str]:
     """The verdict on the ranks that were read, as details of a doubtful one."""
     if not views:
@@ -299,11 +375,7 @@ def _diagnose(views: list[RankView], threshold: float) -> Verdict:
     dead = [v for v in views if not v.reachable]
     live = [v for v in views if v.reachable]
     if dead:
-        victims = [v.rank for v in live]
-        return Verdict("stuck", [v.rank for v in dead], victims,
-                       f"{_ranks(dead)} unreachable (dead or wedged); {len(victims)} of "
-                       f"{len(views)} ranks answer",
-                       [f"rank {v.rank}: no answer from its metrics endpoint" for v in dead])
+        return _no_answer(dead, live, len(views), threshold)
 
     busy = any(_has_work(v) for v in live)
     frozen = [v for v in live if v.workers and v.worker_heartbeat_age >= threshold]

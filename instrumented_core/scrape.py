@@ -56,7 +56,14 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 class FetchError(Exception):
-    """An HTTP read that did not give a complete answer in time; the message is one line."""
+    """An HTTP read that did not give a complete answer in time; the message is one line.
+    ``kind`` is how it failed, a key of ``diagnosis.NO_ANSWER``: ``unreachable`` (no
+    connection: no route, or the connect timed out), ``unresponsive`` (connected, no
+    complete answer in time), ``refused``, or "" (anything else, or through a proxy)."""
+
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class AnswerTooLarge(FetchError):
@@ -72,6 +79,8 @@ class RankSample:
     values: dict[tuple[str, frozenset], float] = field(default_factory=dict)
     #: why an answer is not a vLLM DP endpoint's exposition ("" when it is one)
     problem: str = ""
+    #: how an unreachable target failed (``FetchError.kind``; "" when not known)
+    no_answer: str = ""
 
     def get(self, name: str, default: float | None = None, **labels: str) -> float | None:
         """The one series ``name`` whose labels include ``labels`` (engine/model ignored)."""
@@ -259,6 +268,16 @@ def http_get(url: str, timeout: float, max_bytes: int = MAX_BODY_BYTES) -> tuple
     timer.daemon = True
     timer.start()
     try:
+        if proxy is None and parts.scheme == "http":  # alone: a failure here is the path
+            try:
+                conn.connect()
+            except ConnectionRefusedError:
+                raise FetchError("connection refused", "refused") from None
+            except OSError as e:
+                reason = (f"no connection within {timeout:g} s" if expired.is_set()
+                          or isinstance(e, TimeoutError) else
+                          f"{type(e).__name__}: {e.strerror or e}")
+                raise FetchError(reason, "unreachable") from None
         conn.request("GET", path, headers={"Accept": "text/plain, application/json, */*"})
         response = conn.getresponse()
         chunks: list[bytes] = []
@@ -272,13 +291,14 @@ def http_get(url: str, timeout: float, max_bytes: int = MAX_BODY_BYTES) -> tuple
                 raise AnswerTooLarge(f"its answer is larger than {max_bytes} bytes")
             chunks.append(chunk)
         if expired.is_set():
-            raise FetchError(f"no complete answer within {timeout:g} s")
+            raise FetchError(f"no complete answer within {timeout:g} s", "unresponsive")
         return response.status, b"".join(chunks)
     except FetchError:
         raise
     except Exception as e:  # noqa: BLE001 - every failure of the read is one line
         if expired.is_set():
-            raise FetchError(f"no complete answer within {timeout:g} s") from None
+            raise FetchError(f"no complete answer within {timeout:g} s",
+                             "unresponsive" if proxy is None else "") from None
         reason = str(e).splitlines()[0] if str(e) else ""
         raise FetchError(f"{type(e).__name__}: {reason}" if reason else type(e).__name__) \
             from None
@@ -315,7 +335,7 @@ def scrape(target: str, timeout: float = 1.0,
     except AnswerTooLarge as e:
         return RankSample(target, True, str(e), time.time(), problem=str(e))
     except FetchError as e:
-        return RankSample(target, False, str(e), time.time())
+        return RankSample(target, False, str(e), time.time(), no_answer=e.kind)
     return sample_of_answer(target, status, body, only)
 
 
@@ -350,7 +370,8 @@ def to_view(sample: RankSample, rank: int, previous: RankSample | None = None) -
     Never raises: an answer that is not our exposition, or holds values no rank of ours can
     export (NaN, infinities), is a view with ``not_endpoint`` set, never a healthy rank."""
     if not sample.reachable:
-        return RankView(rank=rank, reachable=False, source=sample.target)
+        return RankView(rank=rank, reachable=False, source=sample.target,
+                        no_answer=sample.no_answer)
     off = plugin_off(sample)
     if off is not None:
         engine, reason = off
@@ -549,18 +570,49 @@ def prometheus_samples(base_url: str, timeout: float = 2.0,
     # a dead rank has no fresh series: name it from the engine its target last exported
     last_of = {item["metric"].get("instance", ""): item for item in last
                if item["metric"].get("job", "") == job}
-    for item in prometheus_query(base_url, f'up{{job="{_escape(job)}"}} == 0', timeout):
+    down = prometheus_query(base_url, f'up{{job="{_escape(job)}"}} == 0', timeout)
+    errors = prometheus_scrape_errors(base_url, timeout) if down else {}
+    for item in down:
         instance = item["metric"].get("instance", "")
         if instance not in last_of:
             continue
         labels = dict(last_of[instance]["metric"])
         for drop in ("__name__", "instance", "job"):
             labels.pop(drop, None)
-        dead = RankSample(instance, False, "target down (up == 0)", now)
+        error = errors.get(instance, "")
+        dead = RankSample(instance, False, "target down (up == 0)" + (
+            f": {error}" if error else ""), now, no_answer=scrape_error_kind(error))
         dead.values[(n.DP_SIZE, frozenset(labels.items()))] = float(last_of[instance]["value"][1])
         by_instance[instance] = dead
     return sorted(by_instance.values(), key=lambda s: (s.engine is None, s.engine or 0,
                                                         s.target))
+
+
+def scrape_error_kind(error: str) -> str:
+    """How a scrape failed, from Prometheus' ``lastError`` (a key of ``diagnosis.NO_ANSWER``):
+    Go's dialer names a refusal and a missing route; a deadline alone cannot tell a frozen
+    process from a host whose packets vanish, so it is ``timeout``."""
+    text = error.lower()
+    if "connection refused" in text:
+        return "refused"
+    if any(w in text for w in ("no route to host", "network is unreachable",
+                               "host is unreachable", "dial tcp")):
+        return "unreachable"
+    if "deadline exceeded" in text or "timeout" in text:
+        return "timeout"
+    return ""
+
+
+def prometheus_scrape_errors(base_url: str, timeout: float) -> dict[str, str]:
+    """``instance`` -> the last scrape error of each active target that has one (empty when
+    Prometheus' targets API cannot be read: the verdict then just says "no answer")."""
+    try:
+        status, body = http_get(base_url.rstrip("/") + "/api/v1/targets?state=active", timeout)
+        active = json.loads(body)["data"]["activeTargets"] if status == 200 else []
+        return {str(t["labels"]["instance"]): str(t.get("lastError") or "")
+                for t in active if t.get("lastError")}
+    except (FetchError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _escape(value: str) -> str:

@@ -52,6 +52,33 @@ CASES = {
     "an unreachable rank is the culprit, its peers victims": (
         [R(0, collective="sync_dp_state", inside_seconds=9), R(1, reachable=False)],
         "stuck", [1], [0], ["unreachable"]),
+    "a partitioned host: its ranks named with the host, its peers waiting in sync": (
+        [R(0, collective="sync_dp_state", inside_seconds=9, engines_running=True,
+           source="10.9.9.11:8100"),
+         R(1, reachable=False, no_answer="unreachable", source="10.9.9.12:8101"),
+         R(2, reachable=False, no_answer="unreachable", source="10.9.9.12:8102")],
+        "stuck", [1, 2], [0], ["ranks 1, 2 unreachable: no connection from the monitor "
+                               "(host 10.9.9.12)", "stopped stepping",
+                               "rank 0 waits for them in sync_dp_state"]),
+    "unreachable from the monitor while its peers keep stepping: unobserved, not stuck": (
+        [R(0, engines_running=True, requests=2, progress_age=0.1, source="10.9.9.11:8100"),
+         R(1, reachable=False, no_answer="unreachable", source="10.9.9.12:8101")],
+        "unobserved", [1], [], ["host 10.9.9.12", "keep stepping", "path to that host"]),
+    "unreachable while the peers are idle: cannot tell it still steps, so stuck": (
+        [R(0, requests=0, progress_age=30), R(1, reachable=False, no_answer="unreachable")],
+        "stuck", [1], [0], ["no connection from the monitor"]),
+    "a frozen process (SIGSTOP) is unresponsive, neither healthy nor dead": (
+        [R(0, collective="sync_dp_state", inside_seconds=5, engines_running=True),
+         R(1, reachable=False, no_answer="unresponsive", source="10.9.9.12:8101")],
+        "stuck", [1], [0], ["rank 1 unreachable: unresponsive", "frozen", "not dead"]),
+    "a frozen process is stuck even while its peers still step (no unobserved)": (
+        [R(0, engines_running=True, requests=1, progress_age=0.1),
+         R(1, reachable=False, no_answer="unresponsive")],
+        "stuck", [1], [0], ["unresponsive"]),
+    "a killed process refuses connections: down": (
+        [R(0, collective="sync_dp_state", inside_seconds=5),
+         R(1, reachable=False, no_answer="refused", source="10.9.9.12:8101")],
+        "stuck", [1], [0], ["rank 1 unreachable: down (connection refused)", "gone"]),
     # --- cross-rank collectives ----------------------------------------------------------
     "a rank that never entered the sync all-reduce its peers wait in": (
         [R(0, collective="sync_dp_state", inside_seconds=5, phase="pending_pause"),

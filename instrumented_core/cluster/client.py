@@ -65,7 +65,8 @@ class RequestHandle:
 class Cluster:
     def __init__(self, config: ClusterConfig | None = None) -> None:
         self.config = (config or ClusterConfig()).validate()
-        self.config.telemetry.check_ports_free(self.config.ranks)
+        if not self.config.hosts:  # ranks on other hosts bind in their own namespaces
+            self.config.telemetry.check_ports_free(self.config.ranks)
         self.metrics_urls: list[str | None] = [None] * self.config.ranks
         self.pids: list[int] = [0] * self.config.ranks
         self.rank_errors: list[str] = []

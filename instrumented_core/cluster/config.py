@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from instrumented_core.cluster.placement import RankHost
 from instrumented_core.protocol import Cadence, Protocol, ProtocolError, check_sizes
 from instrumented_core.telemetry.config import TelemetryConfig
 
@@ -36,6 +37,9 @@ class ClusterConfig:
     start_timeout: float = 90.0
     max_running: int = 64
     telemetry: TelemetryConfig = field(default_factory=lambda: TelemetryConfig(enabled=False))
+    #: one per rank when the ranks span hosts (network namespaces); empty: all on loopback.
+    #: Rank 0's host address is the Gloo rendezvous address (vLLM's MASTER_ADDR).
+    hosts: tuple[RankHost, ...] = ()
 
     def validate(self) -> ClusterConfig:
         try:
@@ -50,5 +54,8 @@ class ClusterConfig:
             raise ClusterConfigError("step times must be >= 0 seconds")
         if self.collective_timeout <= 0 or self.hang_timeout <= 0:
             raise ClusterConfigError("timeouts must be > 0 seconds")
+        if self.hosts and len(self.hosts) != self.ranks:
+            raise ClusterConfigError(f"{len(self.hosts)} rank hosts for {self.ranks} ranks: "
+                                     "give one host per rank")
         self.telemetry.validate()
         return self

@@ -20,10 +20,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 
 from instrumented_core.cluster import messages as msg
 from instrumented_core.cluster.config import FAULT_KINDS, ClusterConfig
+from instrumented_core.cluster.placement import join_netns
 from instrumented_core.cluster.scheduler import PauseState, Request, Scheduler
 from instrumented_core.cluster.status import (
     F_FAILED,
@@ -329,7 +331,20 @@ def _close_on_stop(stop_flag, telemetry, worker: RankWorker,
 def rank_main(rank: int, config: ClusterConfig, master_port: int, inbox, outbox, coordinator,
               board_array, stop_flag) -> None:
     """Process entry point: telemetry first (a bad port fails fast), then Gloo, then the
-    worker thread, then the loop."""
+    worker thread, then the loop. On another host (``config.hosts``) it first joins that
+    host's network namespace, before any thread or socket exists."""
+    master_addr = "127.0.0.1"
+    tel_config = config.telemetry
+    if config.hosts:
+        host = config.hosts[rank]
+        try:
+            join_netns(host.netns)
+        except OSError as e:
+            outbox.put((msg.STARTUP_ERROR, rank, str(e)))
+            return
+        os.environ["GLOO_SOCKET_IFNAME"] = host.ifname
+        master_addr = config.hosts[0].address
+        tel_config = replace(tel_config, metrics_host=host.address)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     board = StatusBoard(board_array, config.ranks)
     board.set(rank, F_PID, os.getpid())
@@ -345,7 +360,7 @@ def rank_main(rank: int, config: ClusterConfig, master_port: int, inbox, outbox,
         info = {"dp_size": str(config.ranks), "sync_interval": str(config.sync_interval),
                 "protocol": config.protocol, "cadence": config.cadence,
                 "version": __version__, "vllm_version": "none (CPU reference cluster)"}
-        telemetry = start_rank_telemetry(config.telemetry, rank, config.ranks, config.protocol,
+        telemetry = start_rank_telemetry(tel_config, rank, config.ranks, config.protocol,
                                          info, group_key=f"cluster-{master_port}")
         if telemetry.registry is not None:  # the cluster's "plugin" is always on
             from instrumented_core.telemetry import names as n
@@ -355,7 +370,7 @@ def rank_main(rank: int, config: ClusterConfig, master_port: int, inbox, outbox,
                                                n.LABEL_MODEL_NAME: config.telemetry.model_name},
                           True, "ok", "none")
         timeout = timedelta(seconds=config.collective_timeout)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{master_port}",
+        dist.init_process_group("gloo", init_method=f"tcp://{master_addr}:{master_port}",
                                 rank=rank, world_size=config.ranks, timeout=timeout)
         model_group = dist.group.WORLD
         dp_group = dist.new_group(list(range(config.ranks)), timeout=timeout, backend="gloo")

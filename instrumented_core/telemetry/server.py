@@ -102,6 +102,10 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    #: the listen backlog: while the process is frozen (SIGSTOP) the kernel still accepts this
+    #: many connections, so scrapers see "unresponsive" (connects, no answer), not a dropped
+    #: SYN that looks like a partition; socketserver's 5 fill in a few doctor reads.
+    request_queue_size = 128
     registry: CollectorRegistry
     debug_enabled: bool
     debug_refused: str

@@ -232,9 +232,12 @@ class VllmEngine:
 
     def __init__(self, env: dict[str, str] | None = None, *, cpu_timeout: int = 30,
                  dp_sync_interval: int | None = None, metrics: bool = True,
-                 port_base: int | None = None) -> None:
+                 port_base: int | None = None, overrides: dict[str, Any] | None = None) -> None:
         """``port_base``: rank r serves ``/metrics`` on ``port_base + r`` (default: a free
-        range); ``metrics=False`` leaves the port base to the environment."""
+        range); ``metrics=False`` leaves the port base to the environment; ``overrides`` go
+        to ``AsyncEngineArgs`` unchanged (e.g. the multi-node DP settings of a front end that
+        runs one local rank)."""
+        self.overrides = dict(overrides or {})
         self.port_base = (port_base or free_port_base(2)) if metrics else 0
         self.env = vllm_cpu_env()
         if metrics:
@@ -271,7 +274,7 @@ class VllmEngine:
         asyncio.set_event_loop(self.loop)
         model_dir = write_tiny_mixtral(os.path.join(self._tmp.name, "tiny-mixtral"))
         args = async_engine_args(model_dir, cpu_distributed_timeout_seconds=self.cpu_timeout,
-                                 dp_sync_interval=self.dp_sync_interval)
+                                 dp_sync_interval=self.dp_sync_interval, **self.overrides)
 
         async def create() -> Any:
             from vllm.v1.engine.async_llm import AsyncLLM
