@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from benchmarks.scale import count_series
 from instrumented_core.protocol import Phase, SyncResult
 from instrumented_core.telemetry import names as n
-from instrumented_core.telemetry.metrics import RankMetrics, RankRegistry, plugin_active
-from instrumented_core.telemetry.probe import TelemetryProbe
+from instrumented_core.telemetry.metrics import plugin_active
+from instrumented_core.telemetry.rank import build_rank
 from instrumented_core.telemetry.server import MetricsServer
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -35,15 +35,16 @@ MAX_RANK_SERIES = 60
 
 
 def rank(tracing: bool = True):
-    """A rank as ``start_rank_telemetry`` builds it (plus the plugin's active gauge), with
-    a recording tracer; the probe has run one pause to consensus and back."""
-    registry = RankRegistry()
-    metrics = RankMetrics(registry, 0, "m", {"dp_size": "2"})
-    plugin_active(registry, LABELS, True, "ok", "test")
+    """A rank as ``start_rank_telemetry`` builds it (its ``build_rank``, so every series
+    registered there counts), plus the plugin's active gauge (both callers, the vLLM plugin
+    and the CPU cluster, add it), with a recording tracer; the probe has run one pause to
+    consensus and back."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    probe = TelemetryProbe(0, 2, metrics, provider if tracing else None, model_name="m")
+    registry, _, probe = build_rank(0, 2, "m", {"dp_size": "2"},
+                                    provider if tracing else None)
+    plugin_active(registry, LABELS, True, "ok", "test")
     probe.sync_end(SyncResult(True, 0, 2), 0.0004)  # a round outside any pause
     probe.pause_requested("keep")
     probe.phase_changed(Phase.RUNNING, Phase.PENDING_PAUSE)
