@@ -138,7 +138,7 @@ def _hist_deltas(before, after):
         out.append({"seconds": d(n.PAUSE_CONSENSUS_LATENCY + "_sum"),
                     "steps": d(n.PAUSE_CONSENSUS_STEPS + "_sum"),
                     "count": d(n.PAUSE_CONSENSUS_LATENCY + "_count"),
-                    "rounds": d(n.SYNC_ROUNDS + "_total")})
+                    "rounds": d(n.SYNC_WAIT_COUNT)})
     return out
 
 

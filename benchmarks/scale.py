@@ -5,9 +5,9 @@ ranks served over loopback HTTP, and spans per pause per rank. The ``vllm`` sect
 series of a live vLLM rank (``vllm_rank_series``).
 
 For bytes and the doctor, each rank of a deployment owns its own registry (one process, one
-endpoint per rank), so the benchmark builds one ``RankRegistry`` + ``RankMetrics`` per rank,
-exactly as ``start_rank_telemetry`` does, with the probe attached to a state machine so the
-callback gauges are live. A scrape of rank r is ``generate_latest(registry_r)``.
+endpoint per rank), so the benchmark builds each rank with ``build_rank`` (the function
+``start_rank_telemetry`` registers a rank's series with), with the probe attached to a state
+machine so the callback gauges are live. A scrape of rank r is ``generate_latest(registry_r)``.
 """
 
 from __future__ import annotations
@@ -20,17 +20,14 @@ from benchmarks.common import emit, log, median
 
 def _rank_registries(ranks: int, dp_size: int | None = None):
     from instrumented_core.protocol import PauseStateMachine
-    from instrumented_core.telemetry.metrics import RankMetrics, RankRegistry
-    from instrumented_core.telemetry.probe import TelemetryProbe
+    from instrumented_core.telemetry.rank import build_rank
 
     dp = dp_size or ranks
     out = []
     for r in range(ranks):
-        reg = RankRegistry()
         info = {"dp_size": str(dp), "sync_interval": "16", "protocol": "two-phase",
                 "cadence": "fixed", "version": "bench", "vllm_version": "none"}
-        metrics = RankMetrics(reg, r, "bench-model", info)
-        probe = TelemetryProbe(r, dp, metrics, None, model_name="bench-model")
+        reg, _, probe = build_rank(r, dp, "bench-model", info, None)
         sm = PauseStateMachine(r, dp, 16, probe=probe)
         out.append((reg, probe, sm))
     return out

@@ -160,7 +160,7 @@ def pause_consensus() -> db.Dashboard:
         ts("Sync rounds per second per rank",
            "Completed sync_dp_state all-reduce rounds per second (every sync_interval steps "
            "and on step 1 of a wave). Lockstep ranks draw the same line.", "ops",
-           q(f"sum by ({n.LABEL_ENGINE}) (rate({n.SYNC_ROUNDS}_total{{{RANKS}}}[{RATE}]))",
+           q(f"sum by ({n.LABEL_ENGINE}) (rate({n.SYNC_WAIT_COUNT}{{{RANKS}}}[{RATE}]))",
              "engine {{engine}}"),
            w=8)
     )
@@ -170,7 +170,7 @@ def pause_consensus() -> db.Dashboard:
            "this includes scrape-offset noise (rounds/s x the scrape time difference); a gap "
            "that stays while the group is paused or idle is real (alert VllmDpSyncRoundSkew).",
            "none",
-           q(f"max({n.SYNC_ROUNDS}_total{{{GROUP}}}) - min({n.SYNC_ROUNDS}_total{{{GROUP}}})",
+           q(f"max({n.SYNC_WAIT_COUNT}{{{GROUP}}}) - min({n.SYNC_WAIT_COUNT}{{{GROUP}}})",
              "max - min"),
            w=8)
     )

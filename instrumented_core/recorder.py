@@ -34,7 +34,7 @@ def row_of(sample: RankSample, rank: int) -> dict:
         "engines_running": bool(sample.get(n.ENGINES_RUNNING, 0)),
         "steps_real": int(sample.get(n.STEPS_TOTAL, 0, kind="real") or 0),
         "steps_dummy": int(sample.get(n.STEPS_TOTAL, 0, kind="dummy") or 0),
-        "sync_rounds": int(sample.get(n.SYNC_ROUNDS_TOTAL, 0) or 0),
+        "sync_rounds": int(sample.get(n.SYNC_WAIT_COUNT, 0) or 0),
         "sync_inside_seconds": inside[n.COLLECTIVE_SYNC],
         "inside": collective if seconds > 0 else None,
         "inside_seconds": seconds,

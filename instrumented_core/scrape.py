@@ -32,6 +32,9 @@ from instrumented_core.telemetry import names as n
 
 PHASE_NAMES = {code: name for name, code in n.PHASE_CODES.items()}
 WAIT_COLLECTIVES = ("step", n.COLLECTIVE_SYNC)
+#: Where each one's seconds-waited counter is (sync_dp_state's is the sync histogram's sum).
+_WAITED = {c: (n.COLLECTIVE_WAIT_TOTAL, {n.LABEL_COLLECTIVE: c}) for c in WAIT_COLLECTIVES}
+_WAITED[n.COLLECTIVE_SYNC] = (n.SYNC_WAIT_SUM, {})
 
 #: The series :func:`to_view` reads (and ``RankSample.engine``): what the doctor scrapes.
 #: About a sixth of a rank's exposition; the rest (histogram buckets, ``_created``) is skipped
@@ -41,7 +44,7 @@ DIAGNOSIS_SERIES = frozenset({
     n.LAST_PROGRESS, n.COLLECTIVE_WAIT_TOTAL, n.REQUESTS_RUNNING, n.REQUESTS_WAITING,
     n.WORKER_CALL_INSIDE, n.WORKER_MODEL_COLLECTIVE_INSIDE, n.WORKER_HEARTBEAT_AGE,
     n.WORKER_MODEL_COLLECTIVES_TOTAL, n.WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL,
-    n.WORKER_POSITION_INFO, n.PAUSE_PENDING_SINCE, n.SYNC_ROUNDS_TOTAL, n.INFO_SERIES,
+    n.WORKER_POSITION_INFO, n.PAUSE_PENDING_SINCE, n.SYNC_WAIT_COUNT, n.SYNC_WAIT_SUM, n.INFO_SERIES,
     n.PLUGIN_ACTIVE,
 })
 #: What every rank of ours exports; an answer without one of them is not a vLLM DP endpoint
@@ -395,9 +398,9 @@ def _to_view(sample: RankSample, rank: int, previous: RankSample | None) -> Rank
     wait_fraction = None
     if previous is not None:
         elapsed = sample.fetched_at - previous.fetched_at
-        waited = sum(_num(sample.get(n.COLLECTIVE_WAIT_TOTAL, 0.0, collective=c)) -
-                     _num(previous.get(n.COLLECTIVE_WAIT_TOTAL, 0.0, collective=c))
-                     for c in WAIT_COLLECTIVES)
+        waited = sum(_num(sample.get(name, 0.0, **labels)) -
+                     _num(previous.get(name, 0.0, **labels))
+                     for name, labels in _WAITED.values())
         # a rank sitting inside a collective right now has not banked that wait yet
         waited += min(seconds, elapsed) if collective in WAIT_COLLECTIVES else 0.0
         if elapsed > 0:
@@ -435,9 +438,9 @@ def _pending_fields(sample: RankSample, phase: str, previous: RankSample | None)
     if phase != "pending_pause" or not _finite(since) or not since:
         return {}
     fields: dict = {"pending_seconds": max(0.0, sample.fetched_at - since)}
-    rounds = sample.get(n.SYNC_ROUNDS_TOTAL)
+    rounds = sample.get(n.SYNC_WAIT_COUNT)  # one observation per completed round
     if previous is not None and previous.get(n.PAUSE_PENDING_SINCE) == since:
-        before = previous.get(n.SYNC_ROUNDS_TOTAL)
+        before = previous.get(n.SYNC_WAIT_COUNT)
         if _finite(rounds) and _finite(before):
             fields["pending_sync_rounds"] = max(0, int(rounds - before))
     return fields

@@ -178,7 +178,7 @@ def test_a_rank_pending_through_more_sync_rounds_than_consensus_takes_is_not_con
 
         def rounds() -> None:  # sync rounds complete, no consensus comes
             while not stop.wait(0.02):
-                live[0].metrics.sync_rounds.inc()
+                live[0].metrics.sync_wait.observe(0.0005)
 
         t = threading.Thread(target=rounds)
         t.start()

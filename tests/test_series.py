@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from benchmarks.scale import count_series
 from instrumented_core.protocol import Phase, SyncResult
 from instrumented_core.telemetry import names as n
-from instrumented_core.telemetry.metrics import RankMetrics, RankRegistry, plugin_active
-from instrumented_core.telemetry.probe import TelemetryProbe
+from instrumented_core.telemetry.metrics import plugin_active
+from instrumented_core.telemetry.rank import build_rank
 from instrumented_core.telemetry.server import MetricsServer
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -35,15 +35,16 @@ MAX_RANK_SERIES = 60
 
 
 def rank(tracing: bool = True):
-    """A rank as ``start_rank_telemetry`` builds it (plus the plugin's active gauge), with
-    a recording tracer; the probe has run one pause to consensus and back."""
-    registry = RankRegistry()
-    metrics = RankMetrics(registry, 0, "m", {"dp_size": "2"})
-    plugin_active(registry, LABELS, True, "ok", "test")
+    """A rank as ``start_rank_telemetry`` builds it (its ``build_rank``, so every series
+    registered there counts), plus the plugin's active gauge (both callers, the vLLM plugin
+    and the CPU cluster, add it), with a recording tracer; the probe has run one pause to
+    consensus and back."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    probe = TelemetryProbe(0, 2, metrics, provider if tracing else None, model_name="m")
+    registry, _, probe = build_rank(0, 2, "m", {"dp_size": "2"},
+                                    provider if tracing else None)
+    plugin_active(registry, LABELS, True, "ok", "test")
     probe.sync_end(SyncResult(True, 0, 2), 0.0004)  # a round outside any pause
     probe.pause_requested("keep")
     probe.phase_changed(Phase.RUNNING, Phase.PENDING_PAUSE)
@@ -121,3 +122,39 @@ def test_openmetrics_buckets_carry_the_pause_trace_as_exemplar(served, accept):
     _, text = get(server.url, None)
     assert count_series(text)["total"] == sum(
         1 for line in body.splitlines() if line and not line.startswith("#"))
+
+
+def test_the_doctor_reads_sync_rounds_and_sync_wait_from_the_sync_histogram():
+    """No rounds counter and no ``sync_dp_state`` child of the collective-wait counter are
+    served (the budget): the doctor's scrape (only ``DIAGNOSIS_SERIES``) still gets the rounds
+    a pending rank went through and the sync share of its wait fraction, from the histogram's
+    ``_count`` and ``_sum``."""
+    from prometheus_client import generate_latest
+
+    from instrumented_core.scrape import DIAGNOSIS_SERIES, sample_of_answer, to_view
+
+    registry, _, probe = build_rank(0, 2, "m", {"protocol": "two-phase"}, None)
+    plugin_active(registry, LABELS, True, "ok", "test")
+    served = {s.name for m in registry.collect() for s in m.samples}
+    assert n.COLLECTIVE_WAIT_TOTAL in served and n.SYNC_WAIT_COUNT in served
+    assert "vllm_dp_sync_rounds_total" not in served
+    assert not [s for m in registry.collect() for s in m.samples
+                if s.name == n.COLLECTIVE_WAIT_TOTAL
+                and s.labels[n.LABEL_COLLECTIVE] == n.COLLECTIVE_SYNC]
+
+    probe.pause_requested("keep")
+    probe.phase_changed(Phase.RUNNING, Phase.PENDING_PAUSE)
+    before = sample_of_answer("r0", 200, generate_latest(registry), DIAGNOSIS_SERIES)
+    for _ in range(3):  # three rounds without consensus: 0.4 s inside sync_dp_state
+        probe.sync_begin(True, True)
+        probe.sync_end(SyncResult(True, 1, 2), 0.4 / 3)
+    probe.collective_begin(n.COLLECTIVE_STEP)
+    probe.collective_end(n.COLLECTIVE_STEP, 0.3)
+    after = sample_of_answer("r0", 200, generate_latest(registry), DIAGNOSIS_SERIES)
+    before.fetched_at, after.fetched_at = 100.0, 101.0  # one second between the scrapes
+
+    view = to_view(after, 0, before)
+    assert not view.not_endpoint, view.not_endpoint
+    assert view.phase == "pending_pause"
+    assert view.pending_sync_rounds == 3
+    assert view.wait_fraction == pytest.approx(0.7)  # 0.4 s sync + 0.3 s step of 1 s

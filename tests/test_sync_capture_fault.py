@@ -60,8 +60,8 @@ def test_an_all_reduce_that_raises_does_not_leave_the_rank_inside_sync_dp_state(
     assert obs.probe.hot.inside_since[n.COLLECTIVE_SYNC] == 0.0
     assert _inside(registry) == 0.0
     assert obs.sync_rounds == 0  # no round completed
-    assert registry.get_sample_value(n.SYNC_ROUNDS_TOTAL, {n.LABEL_ENGINE: "0",
-                                                           n.LABEL_MODEL_NAME: "m"}) == 0.0
+    assert registry.get_sample_value(n.SYNC_WAIT_COUNT, {n.LABEL_ENGINE: "0",
+                                                         n.LABEL_MODEL_NAME: "m"}) == 0.0
     assert namespace.all_reduce is real_all_reduce  # the capture is undone
 
 

@@ -88,7 +88,7 @@ def test_counters_equal_what_the_protocol_did(scripted_pause):
         assert sample.get(n.PAUSE_CONSENSUS_STEPS + "_count") == 1
         assert sample.get(n.STEPS_TOTAL, kind="real") > 0
         assert sample.get(n.STEPS_TOTAL, kind="dummy") > 0  # pending ranks keep stepping
-        rounds.add(sample.get(n.SYNC_ROUNDS_TOTAL))
+        rounds.add(sample.get(n.SYNC_WAIT_COUNT))
     assert len(rounds) == 1 and rounds.pop() >= 2
 
 

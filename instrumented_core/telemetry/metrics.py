@@ -10,7 +10,9 @@ measures it on a live rank): no ``_created`` series (``RankRegistry``), histogra
 chosen from measured latencies, and nothing PromQL can derive from another series:
   seconds in the sync all-reduce now: vllm_dp_collective_inside_seconds{collective="sync_dp_state"}
   when it entered: timestamp(vllm_dp_collective_inside_seconds) - vllm_dp_collective_inside_seconds
-  round skew: max by (model_name) (vllm_dp_sync_rounds_total) - min by (model_name) (...)
+  sync rounds completed: vllm_dp_sync_wait_seconds_count (a round is one observation)
+  seconds inside sync rounds: vllm_dp_sync_wait_seconds_sum
+  round skew: max by (model_name) (vllm_dp_sync_wait_seconds_count) - min by (model_name) (...)
   dummy share: rate(vllm_dp_steps_total{kind="dummy"}[1m]) / sum without(kind) (rate(...))
   mean steps to consensus: rate(vllm_dp_pause_consensus_steps_sum[5m])
                            / rate(vllm_dp_pause_consensus_steps_count[5m])
@@ -126,8 +128,6 @@ class RankMetrics:
             n.REQUESTS_WAITING, "Requests (count) waiting in this rank's scheduler now (read at "
             "scrape time).").labels(**labels)
 
-        self.sync_rounds = counter(n.SYNC_ROUNDS, "sync_dp_state all-reduce rounds (count) "
-                                   "completed by this rank.").labels(**labels)
         self.sync_rounds_extra = counter(
             n.SYNC_ROUNDS_EXTRA, "sync_dp_state rounds (count) run only because the adaptive "
             "cadence was syncing every step (the extra all-reduces it pays).").labels(**labels)
@@ -210,7 +210,7 @@ class HotPathState:
         self.steps_dummy = 0
         self.last_progress = time.time()
         self.inside_since = dict.fromkeys(n.COLLECTIVES, 0.0)
-        self.wait_seconds = dict.fromkeys(n.COLLECTIVES, 0.0)
+        self.wait_seconds = dict.fromkeys(n.COLLECTIVE_WAIT_COLLECTIVES, 0.0)
 
 
 class HotPathCollector(Collector):
@@ -244,10 +244,12 @@ class HotPathCollector(Collector):
                                    "collective so far, 0 when not inside (computed at scrape "
                                    "time).", labels=[*names, n.LABEL_COLLECTIVE])
         wait = CounterMetricFamily(n.COLLECTIVE_WAIT, "Seconds spent inside collectives, by "
-                                   "collective.", labels=[*names, n.LABEL_COLLECTIVE])
+                                   "collective (sync_dp_state's: vllm_dp_sync_wait_seconds_sum).",
+                                   labels=[*names, n.LABEL_COLLECTIVE])
         for c in n.COLLECTIVES:
             entered = st.inside_since.get(c, 0.0)
             inside.add_metric([*values, c], max(0.0, now - entered) if entered else 0.0)
+        for c in n.COLLECTIVE_WAIT_COLLECTIVES:
             wait.add_metric([*values, c], st.wait_seconds.get(c, 0.0))
         yield inside
         yield wait

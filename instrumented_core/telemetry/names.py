@@ -57,13 +57,13 @@ WORKER_POSITION = "vllm_dp_worker_position"  # exposed as vllm_dp_worker_positio
 DP_COLLECTIVE_SEQ = "vllm_dp_collective_sequence"
 # Counters (exposed with a `_total` suffix)
 STEPS = "vllm_dp_steps"
-SYNC_ROUNDS = "vllm_dp_sync_rounds"
 SYNC_ROUNDS_EXTRA = "vllm_dp_sync_rounds_adaptive_extra"  # rounds only the adaptive cadence ran
 PAUSE_REQUESTS = "vllm_dp_pause_requests"
 PAUSE_CONSENSUS = "vllm_dp_pause_consensus"
 RESUMES = "vllm_dp_resumes"
 START_DP_WAVE = "vllm_dp_start_dp_wave"
 REQUESTS_REJECTED = "vllm_dp_requests_rejected"  # by reason (REJECT_REASONS)
+# Not for sync_dp_state: that one is SYNC_WAIT_SUM (COLLECTIVE_WAIT_COLLECTIVES).
 COLLECTIVE_WAIT = "vllm_dp_collective_wait_seconds"
 TELEMETRY_DROPPED = "vllm_dp_telemetry_dropped"
 # Exceptions inside telemetry itself (swallowed, never raised into the engine), by where;
@@ -77,6 +77,10 @@ FLIGHT_DUMPS = "vllm_dp_flight_dumps"  # hang dumps the rank's watchdog wrote
 # Histograms (the first two carry the pause's trace as an OpenMetrics exemplar)
 SYNC_WAIT = "vllm_dp_sync_wait_seconds"
 PAUSE_CONSENSUS_LATENCY = "vllm_dp_pause_consensus_latency_seconds"
+# Sync rounds this rank completed, and seconds it spent inside them (the series budget keeps
+# no separate rounds counter or sync child of COLLECTIVE_WAIT: these are the same numbers).
+SYNC_WAIT_COUNT = SYNC_WAIT + "_count"
+SYNC_WAIT_SUM = SYNC_WAIT + "_sum"
 # Summary without quantiles: _sum and _count
 PAUSE_CONSENSUS_STEPS = "vllm_dp_pause_consensus_steps"
 # Info
@@ -104,6 +108,9 @@ COLLECTIVE_BARRIER = "barrier"
 COLLECTIVE_RESUME = "resume"
 COLLECTIVES = (COLLECTIVE_SYNC, COLLECTIVE_STEP, COLLECTIVE_BARRIER, COLLECTIVE_RPC,
                COLLECTIVE_RESUME)
+#: Collectives with a child of vllm_dp_collective_wait_seconds_total; sync_dp_state's wait is
+#: vllm_dp_sync_wait_seconds_sum (the same number, so not exposed twice).
+COLLECTIVE_WAIT_COLLECTIVES = tuple(c for c in COLLECTIVES if c != COLLECTIVE_SYNC)
 #: Collectives across DP ranks: every rank must enter them, so a rank outside one that its
 #: peers wait in is the culprit.
 CROSS_RANK_COLLECTIVES = (COLLECTIVE_SYNC, COLLECTIVE_BARRIER, COLLECTIVE_RESUME)
@@ -142,7 +149,6 @@ SUFFIXED_COUNTERS = tuple(
     n + "_total"
     for n in (
         STEPS,
-        SYNC_ROUNDS,
         SYNC_ROUNDS_EXTRA,
         PAUSE_REQUESTS,
         PAUSE_CONSENSUS,
@@ -160,7 +166,6 @@ SUFFIXED_COUNTERS = tuple(
 # Counters as exposed (with the `_total` suffix prometheus_client adds): what queries and
 # scrapes read.
 STEPS_TOTAL = STEPS + "_total"
-SYNC_ROUNDS_TOTAL = SYNC_ROUNDS + "_total"
 SYNC_ROUNDS_EXTRA_TOTAL = SYNC_ROUNDS_EXTRA + "_total"
 PAUSE_REQUESTS_TOTAL = PAUSE_REQUESTS + "_total"
 PAUSE_CONSENSUS_TOTAL = PAUSE_CONSENSUS + "_total"

@@ -283,14 +283,12 @@ class TelemetryProbe(Probe):
     def sync_end(self, result: SyncResult, seconds: float) -> None:
         hot = self.hot
         hot.inside_since[n.COLLECTIVE_SYNC] = 0.0
-        hot.wait_seconds[n.COLLECTIVE_SYNC] += seconds
         hot.last_progress = time.time()
         local_unfinished, local_pause = getattr(self, "_sync_local", (False, False))
         self.flight.sync_result(local_unfinished, local_pause, result.global_unfinished,
                                 result.pause_votes, seconds)
         m = self.metrics
         if m is not None:
-            m.sync_rounds.inc()
             m.sync_wait.observe(seconds, trace_exemplar(self._pause_span))
         if self._phase_span is not None and self._state is not None and (
                 getattr(self._state, "pending_pause", False) or result.consensus):

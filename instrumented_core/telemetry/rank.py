@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from instrumented_core.probe import NULL_PROBE, Probe
@@ -17,7 +18,30 @@ from instrumented_core.telemetry.probe import TelemetryProbe
 from instrumented_core.telemetry.server import MetricsServer
 from instrumented_core.telemetry.tracing import make_tracer_provider
 
-__all__ = ["RankTelemetry", "start_rank_telemetry"]
+__all__ = ["RankParts", "RankTelemetry", "build_rank", "start_rank_telemetry"]
+
+
+class RankParts(NamedTuple):
+    registry: RankRegistry
+    metrics: RankMetrics
+    probe: TelemetryProbe
+
+
+def build_rank(rank: int, dp_size: int, model_name: str, info: Mapping[str, str],
+               provider: TracerProvider | None, *, group_key: str = "dp",
+               protocol: str = "two-phase") -> RankParts:
+    """Everything a rank's endpoint serves: the registry with every collector registered,
+    the metrics and the probe that feeds them. The one place a rank's series are registered,
+    so the series-budget test (tests/test_series.py) and the scale benchmark count what
+    ``start_rank_telemetry`` serves; a series added here counts against the budget."""
+    registry = RankRegistry()
+    metrics = RankMetrics(registry, rank, model_name, info)
+    metrics.dp_size.set(dp_size)  # never served as 0 (the doctor's "defaults" sign)
+    probe = TelemetryProbe(rank, dp_size, metrics, provider, group_key=group_key,
+                           protocol=protocol, model_name=model_name)
+    registry.register(FlightRecorderCollector(probe.flight, {
+        n.LABEL_ENGINE: str(rank), n.LABEL_MODEL_NAME: model_name}))
+    return RankParts(registry, metrics, probe)
 
 
 @dataclass
@@ -53,9 +77,6 @@ def start_rank_telemetry(
     """Registry + endpoint + tracer + probe for one rank; call from the engine thread."""
     if not config.enabled:
         return RankTelemetry(NULL_PROBE, None, None)
-    registry = RankRegistry()
-    metrics = RankMetrics(registry, rank, config.model_name, info)
-    metrics.dp_size.set(dp_size)  # never served as 0 (the doctor's "defaults" sign)
     # All or nothing: what can fail (the exporter, the tracer, the probe) starts before the
     # endpoint, and the endpoint is the last step, so a failure never leaves a port serving
     # a registry nobody updates (phase 0 for ever, which reads as a healthy idle rank).
@@ -64,11 +85,9 @@ def start_rank_telemetry(
                                     on_drop=lambda count: holder[0].dropped(count))
     watchdog = None
     try:
-        probe = TelemetryProbe(rank, dp_size, metrics, provider, group_key=group_key,
-                               protocol=protocol, model_name=config.model_name)
+        registry, _, probe = build_rank(rank, dp_size, config.model_name, info, provider,
+                                        group_key=group_key, protocol=protocol)
         holder.append(probe)
-        registry.register(FlightRecorderCollector(probe.flight, {
-            n.LABEL_ENGINE: str(rank), n.LABEL_MODEL_NAME: config.model_name}))
         if config.watchdog:
             from instrumented_core.telemetry.watchdog import Watchdog
 

@@ -443,7 +443,7 @@ COUNTERS = {
     "pause_wait": (n.PAUSE_REQUESTS_TOTAL, {"mode": "wait"}),
     "consensus": (n.PAUSE_CONSENSUS_TOTAL, {}),
     "resumes": (n.RESUMES_TOTAL, {}),
-    "sync_rounds": (n.SYNC_ROUNDS_TOTAL, {}),
+    "sync_rounds": (n.SYNC_WAIT_COUNT, {}),
     "wave_ignored": (n.START_DP_WAVE_TOTAL, {"outcome": "ignored"}),
     "wave_acted": (n.START_DP_WAVE_TOTAL, {"outcome": "acted"}),
     "wave_stale": (n.START_DP_WAVE_TOTAL, {"outcome": "stale"}),

@@ -711,7 +711,7 @@ def _two_ranks(api: Any, inst: Any, registries: dict, probes: dict) -> list[dict
         record["metrics"] = {
             "pause_requests": value(n.PAUSE_REQUESTS_TOTAL, mode=mode),
             "consensus": value(n.PAUSE_CONSENSUS_TOTAL),
-            "sync_rounds": value(n.SYNC_ROUNDS_TOTAL),
+            "sync_rounds": value(n.SYNC_WAIT_COUNT),
             "start_dp_wave_ignored": value(n.START_DP_WAVE_TOTAL, outcome="ignored"),
             "resumes": value(n.RESUMES_TOTAL),
             "rejected_engine_paused": value(n.REQUESTS_REJECTED_TOTAL, reason="engine_paused"),

@@ -56,11 +56,11 @@
           },
           {
             "record": "job_model_name:vllm_dp_sync_rounds_skew:max_minus_min",
-            "expr": ("max by (job, model_name) (vllm_dp_sync_rounds_total{%(selector)s})\n- min by (job, model_name) (vllm_dp_sync_rounds_total{%(selector)s})\n" % $._config),
+            "expr": ("max by (job, model_name) (vllm_dp_sync_wait_seconds_count{%(selector)s})\n- min by (job, model_name) (vllm_dp_sync_wait_seconds_count{%(selector)s})\n" % $._config),
           },
           {
             "record": "job_model_name_engine:vllm_dp_sync_rounds_behind_leader:offset1m",
-            "expr": ("max by (job, model_name) (vllm_dp_sync_rounds_total{%(selector)s} offset 1m)\n- on (job, model_name) group_right\nvllm_dp_sync_rounds_total{%(selector)s}\n" % $._config),
+            "expr": ("max by (job, model_name) (vllm_dp_sync_wait_seconds_count{%(selector)s} offset 1m)\n- on (job, model_name) group_right\nvllm_dp_sync_wait_seconds_count{%(selector)s}\n" % $._config),
           },
           {
             "record": "job_model_name_engine:vllm_dp_start_dp_wave_acted:unpaused",
@@ -446,7 +446,7 @@
                 "type": "prometheus",
                 "uid": "${datasource}",
               },
-              "expr": ("sum by (engine) (rate(vllm_dp_sync_rounds_total{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval]))" % $._config),
+              "expr": ("sum by (engine) (rate(vllm_dp_sync_wait_seconds_count{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval]))" % $._config),
               "instant": false,
               "legendFormat": "engine {{engine}}",
               "range": true,
@@ -501,7 +501,7 @@
                 "type": "prometheus",
                 "uid": "${datasource}",
               },
-              "expr": ("max(vllm_dp_sync_rounds_total{%(selector)s, model_name=\"$model_name\"}) - min(vllm_dp_sync_rounds_total{%(selector)s, model_name=\"$model_name\"})" % $._config),
+              "expr": ("max(vllm_dp_sync_wait_seconds_count{%(selector)s, model_name=\"$model_name\"}) - min(vllm_dp_sync_wait_seconds_count{%(selector)s, model_name=\"$model_name\"})" % $._config),
               "instant": false,
               "legendFormat": "max - min",
               "range": true,
