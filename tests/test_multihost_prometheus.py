@@ -137,7 +137,7 @@ def test_a_partitioned_host_fires_the_alert_and_the_doctor_names_its_ranks(setup
     with inside(lab.monitor):
         handles = [cluster.generate(10**7, rank=r) for r in range(RANKS)]
         prom.wait_for("sync rounds", lambda: prom.query(
-            f'increase({n.SYNC_ROUNDS_TOTAL}{{engine="3"}}[3s]) > 0'), timeout=20)
+            f'increase({n.SYNC_WAIT_COUNT}{{engine="3"}}[3s]) > 0'), timeout=20)
         t0 = time.monotonic()
         lab.partition(lab.hosts[1])
         try:
@@ -163,7 +163,7 @@ def test_a_partitioned_host_fires_the_alert_and_the_doctor_names_its_ranks(setup
         print(f"partition -> {ALERT} firing: {seconds:.1f} s")
         # the partition (~40 s) is shorter than the Gloo timeout: the group steps again
         prom.wait_for("ranks of host 2 scraped again and stepping", lambda: len(prom.query(
-            f'increase({n.SYNC_ROUNDS_TOTAL}{{engine=~"2|3"}}[3s]) > 0')) == 2, timeout=60)
+            f'increase({n.SYNC_WAIT_COUNT}{{engine=~"2|3"}}[3s]) > 0')) == 2, timeout=60)
         cluster.pause("abort")
         assert [h.result(60) for h in handles] == ["aborted"] * RANKS
         cluster.resume()

@@ -154,12 +154,15 @@ def test_one_trace_per_pause_with_both_ranks_spans_at_a_real_otlp_receiver(engin
     engine.run(engine.llm.pause_generation(mode="abort"), STEP, "pause 2")
     engine.run(engine.llm.resume_generation(), STEP, "resume 2")
 
+    # a rank numbers its pauses 1, 2, ... (the span's ordinal): these two are the newest, and
+    # the spans of earlier tests' pauses may still be arriving, so wait for exactly these
+    asked = engine.scrape_all()[0].by_label(n.PAUSE_REQUESTS_TOTAL, n.LABEL_MODE)
+    last_two = {int(sum(asked.values())) - 1, int(sum(asked.values()))}
+
     def pause_spans():
-        spans = [s for s in sink.spans if s.name == n.SPAN_PAUSE]
-        ordinals = sorted({s.attributes[n.ATTR_PAUSE_ORDINAL] for s in spans})
-        last_two = ordinals[-2:]
-        got = [s for s in spans if s.attributes[n.ATTR_PAUSE_ORDINAL] in last_two]
-        return got if len(last_two) == 2 and len(got) == 4 else None
+        got = [s for s in sink.spans if s.name == n.SPAN_PAUSE
+               and s.attributes[n.ATTR_PAUSE_ORDINAL] in last_two]
+        return got if len(got) == 4 else None
 
     spans = wait_for(pause_spans, 15, "dp.pause spans of both ranks for the last two pauses")
     by_ordinal: dict[int, list] = {}
