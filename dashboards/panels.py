@@ -401,6 +401,29 @@ def stuck_rank() -> db.Dashboard:
              f"({n.PLUGIN_ACTIVE}{{{RANKS}}})",
              "engine {{engine}}: {{reason}} (vLLM {{vllm_version}})"), w=24, h=6)
     )
+    # The flight recorder (issue 14): where each rank is in the DP group's collectives, and
+    # the hang dumps its watchdog wrote (`instrumented-core analyze` / `doctor --bundle`).
+    d = d.with_row(db.Row("Flight recorder"))
+    d = d.with_panel(
+        ts("DP collective sequence per rank",
+           "How many DP-group collectives (sync_dp_state, resume, barrier, collective_rpc) each "
+           "rank has entered. The ranks enter every one together, so the lines move as one; a "
+           "rank whose line stops while the others go on (or that is ahead) has diverged: "
+           "`instrumented-core doctor --bundle` names the first divergent collective.", "none",
+           q(f"max by ({n.LABEL_ENGINE}) ({n.DP_COLLECTIVE_SEQ}{{{RANKS}}})",
+             "engine {{engine}}"))
+    )
+    d = d.with_panel(
+        ts("DP collective sequence skew (max - min) and hang dumps",
+           "Skew: the spread of the ranks' DP collective sequence numbers (0 or 1 in a healthy "
+           "group, as ranks are scraped at different instants; growing means a rank left the "
+           "lockstep). Dumps: hang dumps each rank's watchdog wrote (one per incident).",
+           "none",
+           q(f"max({n.DP_COLLECTIVE_SEQ}{{{GROUP}}}) - min({n.DP_COLLECTIVE_SEQ}{{{GROUP}}})",
+             "skew", "A"),
+           q(f"max by ({n.LABEL_ENGINE}) ({n.FLIGHT_DUMPS_TOTAL}{{{RANKS}}})",
+             "dumps engine {{engine}}", "B"))
+    )
     return d
 
 

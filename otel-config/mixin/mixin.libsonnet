@@ -1990,6 +1990,140 @@
           "transparent": false,
           "type": "timeseries",
         },
+        {
+          "collapsed": false,
+          "gridPos": {
+            "h": 1,
+            "w": 24,
+            "x": 0,
+            "y": 48,
+          },
+          "id": 15,
+          "panels": [],
+          "title": "Flight recorder",
+          "type": "row",
+        },
+        {
+          "datasource": {
+            "type": "prometheus",
+            "uid": "${datasource}",
+          },
+          "description": "How many DP-group collectives (sync_dp_state, resume, barrier, collective_rpc) each rank has entered. The ranks enter every one together, so the lines move as one; a rank whose line stops while the others go on (or that is ahead) has diverged: `instrumented-core doctor --bundle` names the first divergent collective.",
+          "fieldConfig": {
+            "defaults": {
+              "custom": {
+                "fillOpacity": 10,
+              },
+              "unit": "none",
+            },
+            "overrides": [],
+          },
+          "gridPos": {
+            "h": 8,
+            "w": 12,
+            "x": 0,
+            "y": 49,
+          },
+          "id": 16,
+          "options": {
+            "legend": {
+              "calcs": [
+                "lastNotNull",
+                "max",
+              ],
+              "displayMode": "table",
+              "placement": "right",
+              "showLegend": true,
+            },
+            "tooltip": {
+              "mode": "single",
+              "sort": "asc",
+            },
+          },
+          "repeatDirection": "h",
+          "targets": [
+            {
+              "datasource": {
+                "type": "prometheus",
+                "uid": "${datasource}",
+              },
+              "expr": ("max by (engine) (vllm_dp_collective_sequence{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"})" % $._config),
+              "instant": false,
+              "legendFormat": "engine {{engine}}",
+              "range": true,
+              "refId": "A",
+            },
+          ],
+          "title": "DP collective sequence per rank",
+          "transparent": false,
+          "type": "timeseries",
+        },
+        {
+          "datasource": {
+            "type": "prometheus",
+            "uid": "${datasource}",
+          },
+          "description": "Skew: the spread of the ranks' DP collective sequence numbers (0 or 1 in a healthy group, as ranks are scraped at different instants; growing means a rank left the lockstep). Dumps: hang dumps each rank's watchdog wrote (one per incident).",
+          "fieldConfig": {
+            "defaults": {
+              "custom": {
+                "fillOpacity": 10,
+              },
+              "unit": "none",
+            },
+            "overrides": [],
+          },
+          "gridPos": {
+            "h": 8,
+            "w": 12,
+            "x": 12,
+            "y": 49,
+          },
+          "id": 17,
+          "options": {
+            "legend": {
+              "calcs": [
+                "lastNotNull",
+                "max",
+              ],
+              "displayMode": "table",
+              "placement": "right",
+              "showLegend": true,
+            },
+            "tooltip": {
+              "mode": "single",
+              "sort": "asc",
+            },
+          },
+          "repeatDirection": "h",
+          "targets": [
+            {
+              "datasource": {
+                "type": "prometheus",
+                "uid": "${datasource}",
+              },
+              "expr": ("max(vllm_dp_collective_sequence{%(selector)s, model_name=\"$model_name\"}) - min(vllm_dp_collective_sequence{%(selector)s, model_name=\"$model_name\"})" % $._config),
+              "instant": false,
+              "legendFormat": "skew",
+              "range": true,
+              "refId": "A",
+            },
+            {
+              "datasource": {
+                "type": "prometheus",
+                "uid": "${datasource}",
+              },
+              "expr": ("max by (engine) (vllm_dp_flight_dumps_total{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"})" % $._config),
+              "instant": false,
+              "legendFormat": "dumps engine {{engine}}",
+              "range": true,
+              "refId": "B",
+            },
+          ],
+          "title": "DP collective sequence skew (max - min) and hang dumps",
+          "transparent": false,
+          "type": "timeseries",
+        },
       ],
       "refresh": "10s",
       "schemaVersion": 41,
