@@ -37,9 +37,9 @@ def _default_export() -> dict[str, str]:
 
 
 def rules(files: dict[str, str]) -> dict[str, dict]:
-    """Alert or record name (+ quantile) -> rule, over both rule files."""
+    """Alert or record name (+ quantile) -> rule, over every rule file."""
     out = {}
-    for name in ("rules/recording.yml", "rules/alerts.yml"):
+    for name in ("rules/recording.yml", "rules/alerts.yml", "rules/reachability.yml"):
         for group in yaml.safe_load(files[name])["groups"]:
             for rule in group["rules"]:
                 key = rule.get("alert") or rule["record"] + str(rule.get("labels", {}))
@@ -78,12 +78,45 @@ def test_one_config_changes_the_sync_stuck_threshold_in_rules_dashboards_runbook
     assert "for more than\n23 s" in files["runbooks.md"]
     assert "| `syncStuckSeconds` | `23` |" in files["runbooks.md"]
     groups = yaml.safe_load(files["kubernetes/prometheusrule.yaml"])["spec"]["groups"]
-    assert groups == [g for f in ("rules/recording.yml", "rules/alerts.yml")
+    assert groups == [g for f in ("rules/recording.yml", "rules/alerts.yml", "rules/reachability.yml")
                       for g in yaml.safe_load(files[f])["groups"]]
     # nothing else moved: every other rule is the default's
     others = {k: v for k, v in rules(files).items()
               if k not in ("VllmDpSyncAllReduceStuck",
                            "job_model_name:vllm_dp_ranks_waiting_in_sync:count{}")}
+    assert others == {k: v for k, v in rules(default).items() if k in others}
+
+
+def test_one_config_changes_the_unreachable_rank_thresholds_in_rules_runbooks_and_kubernetes():
+    files = export(peersStalledSeconds=17, peersStalledFor="41s", unreachableFor="52s")
+    default = export()
+    stalled = rules(files)["VllmDpPeersStalledOnUnreachableRank"]
+    assert stalled["for"] == "41s"
+    assert "> 17)" in stalled["expr"] and "> 10)" not in stalled["expr"]
+    assert "more than 17s" in stalled["annotations"]["description"]
+    unreachable = rules(files)["VllmDpRankUnreachable"]
+    assert unreachable["for"] == "52s" and "for 52s;" in unreachable["annotations"]["description"]
+    assert "for 52s;" in files["runbooks.md"] and "more than 17 s:" in files["runbooks.md"]
+    assert "| `peersStalledSeconds` | `17` |" in files["runbooks.md"]
+    groups = yaml.safe_load(files["kubernetes/prometheusrule.yaml"])["spec"]["groups"]
+    assert yaml.safe_load(files["rules/reachability.yml"])["groups"][0] in groups
+    assert [g["name"] for g in groups] == ["vllm-dp.recording", "vllm-dp.alerts",
+                                           "vllm-dp.reachability"]
+    assert "peersStalledSeconds" in files["mixin/mixin.libsonnet"]
+    # the multi-host scrape config loads the same files and follows the job and interval
+    multihost = yaml.safe_load(export(job="vllm-prod", scrapeInterval="3s")["prometheus-multihost.yml"])
+    assert multihost["global"]["scrape_interval"] == "3s"
+    assert multihost["scrape_configs"][0]["job_name"] == "vllm-prod"
+    assert multihost["rule_files"] == ["rules/recording.yml", "rules/alerts.yml",
+                                       "rules/reachability.yml"]
+    # the selector is on the scrape series (up, scrape_duration_seconds) too
+    selected = [r["expr"] for r in rules(export(selector='namespace="llm", job=~"vllm-.*"')).values()
+                if r.get("alert") in ("VllmDpPeersStalledOnUnreachableRank", "VllmDpRankUnreachable")]
+    for name in ("up", "scrape_duration_seconds"):
+        matchers = re.findall(rf"(?<![:\w]){name}(\{{[^}}]*\}})?", "".join(selected))
+        assert matchers and set(matchers) == {'{namespace="llm", job=~"vllm-.*"}'}, name
+    others = {k: v for k, v in rules(files).items()
+              if k not in ("VllmDpPeersStalledOnUnreachableRank", "VllmDpRankUnreachable")}
     assert others == {k: v for k, v in rules(default).items() if k in others}
 
 
@@ -153,11 +186,13 @@ def test_other_thresholds_leave_out_the_unit_tests_written_for_the_defaults(caps
         if key == "pauseConsensusMinSeconds":
             overrides["pauseConsensusMaxSeconds"] = 999
         assert "rules/alerts_test.yml" not in export(**overrides), key
+        assert "rules/reachability_test.yml" not in export(**overrides), key
     assert main(["ops", "export", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "rules" / "alerts_test.yml").exists()
     assert main(["ops", "export", "--out", str(tmp_path), "--set", "wedgedSeconds=12"]) == 0
     assert "alerts_test.yml left out" in capsys.readouterr().out
     assert not (tmp_path / "rules" / "alerts_test.yml").exists(), "stale tests left behind"
+    assert not (tmp_path / "rules" / "reachability_test.yml").exists(), "stale tests left behind"
 
 
 def test_a_config_file_and_the_mixin_spelling_of_it_are_read(tmp_path):
@@ -196,14 +231,15 @@ def _jsonnet(files: dict[str, str], overrides: dict) -> dict:
 @pytest.mark.parametrize("overrides", [
     {},
     {"syncStuckSeconds": 20, "rankWedgedFor": "1m", "selector": 'job="x", namespace="y"',
-     "runbookUrlBase": "https://wiki.example.com/rb"},
+     "runbookUrlBase": "https://wiki.example.com/rb", "peersStalledSeconds": 17},
 ], ids=["defaults", "overridden"])
 def test_the_mixin_rendered_by_jsonnet_is_the_export(overrides):
     shipped = (ROOT / "otel-config" / "mixin" / "mixin.libsonnet").read_text()
     assert shipped == export()["mixin/mixin.libsonnet"]
     got = _jsonnet({"mixin/mixin.libsonnet": shipped}, overrides)
     want = export(**overrides)
-    assert got["alerts"] == yaml.safe_load(want["rules/alerts.yml"])
+    assert got["alerts"] == {"groups": [g for f in ("rules/alerts.yml", "rules/reachability.yml")
+                                        for g in yaml.safe_load(want[f])["groups"]]}
     assert got["rules"] == yaml.safe_load(want["rules/recording.yml"])
     assert got["dashboards"] == {k.split("/")[1]: json.loads(v) for k, v in want.items()
                                  if k.startswith("dashboards/")}

@@ -328,3 +328,72 @@ def test_idle_time_and_normal_pauses_fire_nothing_not_even_pending(tmp_path, ale
     # Not asserted (the machine is shared): about 45 s, most of it the 31 s idle period.
     print(f"idle + normal pauses test took {elapsed:.1f} s (cluster + Prometheus up after "
           f"{ready - started:.1f} s)")
+
+
+def test_peers_stalled_on_an_unreachable_rank_inhibits_the_wedged_and_stuck_alerts_of_its_group(
+        alertmanager):
+    """The shipped inhibit rule in a real Alertmanager: while VllmDpPeersStalledOnUnreachableRank
+    fires for a group, that group's wedged/stuck/slow alerts (its consequences) are suppressed
+    and never reach the webhook; another group's, and the warning naming the rank, are not."""
+    import datetime
+    import urllib.request
+
+    model, other = "live-unreachable", "live-unreachable-other"
+
+    def alert(name: str, severity: str = "critical", model_name: str = model, **labels: str):
+        return {"alertname": name, "severity": severity, "job": JOB, "model_name": model_name,
+                **labels}
+
+    source = alert("VllmDpPeersStalledOnUnreachableRank", engine="1", instance="b:8101")
+    inhibited = [alert(GROUP_ALERT), alert(RANK_ALERT, engine="0"),
+                 alert(STUCK_ALERT, engine="1"), alert("VllmDpRankNotProgressing", engine="0"),
+                 alert("VllmDpPauseConsensusSlow", "warning", engine="0")]
+    kept = [alert(GROUP_ALERT, model_name=other),
+            alert("VllmDpRankUnreachable", "warning", engine="1", instance="b:8101")]
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+
+    def post(labels: list[dict], ends: datetime.datetime) -> None:
+        body = json.dumps([{"labels": la, "annotations": {}, "startsAt": started.isoformat(),
+                            "endsAt": ends.isoformat()} for la in labels]).encode()
+        request = urllib.request.Request(f"{alertmanager.url}/api/v2/alerts", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.status == 200
+
+    def wait(what: str, condition, timeout: float = 20.0):
+        deadline = time.monotonic() + timeout
+        while not (result := condition()):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: not within {timeout} s\n{alertmanager.tail(10)}")
+            time.sleep(0.2)
+        return result
+
+    def status() -> dict[tuple, dict]:
+        return {tuple(sorted(a["labels"].items())): a["status"]
+                for a in get_json(f"{alertmanager.url}/api/v2/alerts")
+                if a["labels"].get("model_name") in (model, other)}
+
+    def delivered(labels: dict) -> bool:
+        return any(a["labels"] == labels for a in alertmanager.webhook.alerts())
+
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)
+    try:
+        post([source], later)  # the cause fires first (as its `for:` elapses)
+        wait("the peers-stalled alert delivered", lambda: delivered(source))
+        post(inhibited + kept, later)
+        key = lambda labels: tuple(sorted(labels.items()))  # noqa: E731
+        states = wait("every consequence suppressed by the source", lambda: (
+            (s := status()) and all(s.get(key(la), {}).get("inhibitedBy") for la in inhibited)
+            and all(key(la) in s for la in kept) and s))
+        for labels in inhibited:
+            assert states[key(labels)]["state"] == "suppressed", labels
+        for labels in kept:
+            assert states[key(labels)]["state"] == "active", labels
+            assert not states[key(labels)]["inhibitedBy"], labels
+        # The other group's critical alert goes out at once (group_wait 0s for critical); the
+        # consequences, routed the same way, never do.
+        wait("the other group's wedged alert delivered", lambda: delivered(kept[0]))
+        assert not [la for la in inhibited if delivered(la)]
+    finally:
+        post([source, *inhibited, *kept], datetime.datetime.now(datetime.timezone.utc))

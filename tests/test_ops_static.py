@@ -24,7 +24,8 @@ pytestmark = pytest.mark.prometheus
 ROOT = Path(__file__).resolve().parents[1]
 OTEL = ROOT / "otel-config"
 RULES = OTEL / "rules"
-RULE_FILES = [RULES / "recording.yml", RULES / "alerts.yml"]
+RULE_FILES = [RULES / "recording.yml", RULES / "alerts.yml", RULES / "reachability.yml"]
+ALERT_FILES = [RULES / "alerts.yml", RULES / "reachability.yml"]
 RUNBOOK_BASE = "runbooks.md"  # the default runbookUrlBase: the file next to the rules
 REQUIRED_ALERTS = {
     "VllmDpSyncAllReduceStuck",
@@ -34,6 +35,8 @@ REQUIRED_ALERTS = {
     "VllmDpStartDpWaveActedWhilePaused",
     "VllmDpGroupWedged",
     "VllmDpRankWedged",
+    "VllmDpRankUnreachable",
+    "VllmDpPeersStalledOnUnreachableRank",
 }
 # Alerts about a whole DP group (job, model_name): no single rank is known to be the culprit,
 # so they carry no `engine` label and name the ranks involved in their description instead.
@@ -100,8 +103,8 @@ def load(path: Path):
     return yaml.safe_load(path.read_text())
 
 
-def alert_rules() -> list[dict]:
-    return [r for g in load(RULES / "alerts.yml")["groups"] for r in g["rules"] if "alert" in r]
+def alert_rules(files: list[Path] = ALERT_FILES) -> list[dict]:
+    return [r for f in files for g in load(f)["groups"] for r in g["rules"] if "alert" in r]
 
 
 def github_anchors(markdown: str) -> set[str]:
@@ -134,13 +137,34 @@ def test_promtool_check_rules_accepts_recording_and_alert_rules():
     run(tool("promtool"), "check", "rules", *map(str, RULE_FILES))
 
 
-def test_promtool_unit_tests_of_every_alert_pass():
-    out = run(tool("promtool"), "test", "rules", "alerts_test.yml", cwd=RULES).stdout
+@pytest.mark.parametrize("tests", ["alerts_test.yml", "reachability_test.yml"])
+def test_promtool_unit_tests_of_every_alert_pass(tests):
+    out = run(tool("promtool"), "test", "rules", tests, cwd=RULES).stdout
     assert "SUCCESS" in out
 
 
+def test_the_multihost_config_loads_every_rule_file():
+    out = run(tool("promtool"), "check", "config", str(OTEL / "prometheus-multihost.yml")).stdout
+    assert "3 rule files found" in out
+    assert load(OTEL / "prometheus-multihost.yml")["rule_files"] == [
+        f"rules/{p.name}" for p in RULE_FILES]
+
+
+def test_reachability_unit_tests_fire_every_alert_with_labels_and_annotations_and_stay_silent():
+    rules = {r["alert"] for r in alert_rules([RULES / "reachability.yml"])}
+    cases = [c for t in load(RULES / "reachability_test.yml")["tests"]
+             for c in t["alert_rule_test"]]
+    for name in rules:
+        fired = [e for c in cases if c["alertname"] == name for e in c["exp_alerts"]]
+        assert fired, f"{name}: no firing case"
+        assert all(e["exp_labels"].get(names.LABEL_ENGINE) for e in fired), name
+        assert all(set(e["exp_annotations"]) >= {"summary", "description", "runbook_url"}
+                   for e in fired), name
+        assert any(c["alertname"] == name and c["exp_alerts"] == [] for c in cases), name
+
+
 def test_alert_unit_tests_cover_both_sides_of_every_for_boundary():
-    rules = {r["alert"]: r for r in alert_rules()}
+    rules = {r["alert"]: r for r in alert_rules([RULES / "alerts.yml"])}
     tests = load(RULES / "alerts_test.yml")["tests"]
     firing, silent = {}, {}
     for t in tests:

@@ -80,6 +80,7 @@ def test_the_wheel_ships_the_bundle_and_no_test_only_code_or_plugin(venv):
     assert plugins == {"instrumented_core": "instrumented_core.vllm_support.plugin:register"}
     assert not {Path(n).name for n in names} & TEST_ONLY_MODULES
     for needed in ("rules/alerts.yml", "rules/recording.yml", "rules/alerts_test.yml",
+                   "rules/reachability.yml", "rules/reachability_test.yml", "prometheus-multihost.yml",
                    "dashboards/stuck_rank.json", "dashboards/dp_pause_consensus.json",
                    "runbooks.md", "alertmanager.yml", "collector.yaml", "prometheus.yml"):
         assert f"instrumented_core/ops/bundle/{needed}" in names, needed
@@ -116,8 +117,12 @@ def test_an_export_from_the_installed_wheel_passes_promtool_the_dashboard_check_
 
     promtool = tool("promtool")
     rules = out / "rules"
-    _run(promtool, "check", "rules", rules / "recording.yml", rules / "alerts.yml", cwd=out)
+    _run(promtool, "check", "rules", rules / "recording.yml", rules / "alerts.yml",
+         rules / "reachability.yml", cwd=out)
     assert "SUCCESS" in _run(promtool, "test", "rules", "alerts_test.yml", cwd=rules).stdout
+    assert "SUCCESS" in _run(promtool, "test", "rules", "reachability_test.yml", cwd=rules).stdout
+    assert "3 rule files found" in _run(promtool, "check", "config", "prometheus-multihost.yml",
+                                        cwd=out).stdout
     assert "2 rule files found" in _run(promtool, "check", "config", "prometheus.yml",
                                         cwd=out).stdout
     _run(tool("amtool"), "check-config", out / "alertmanager.yml", cwd=out)
@@ -158,7 +163,7 @@ def test_a_configured_export_from_the_installed_wheel_passes_promtool(venv):
          "--runbook-url-base", "https://wiki.example.com/vllm-dp", cwd=work, env=env)
     promtool = tool("promtool")
     _run(promtool, "check", "rules", out / "rules" / "recording.yml", out / "rules" / "alerts.yml",
-         cwd=out)
+         out / "rules" / "reachability.yml", cwd=out)
     alerts = yaml.safe_load((out / "rules" / "alerts.yml").read_text())["groups"][0]["rules"]
     wedged = next(r for r in alerts if r["alert"] == "VllmDpRankWedged")
     assert wedged["for"] == "45s"

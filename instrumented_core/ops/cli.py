@@ -17,7 +17,7 @@ PROG = "instrumented-core"
 EPILOG = """options for --set (default in brackets):
 """ + "\n".join(f"  {key} [{value}]" for key, value in DEFAULTS.items()) + """
 
-The promtool unit tests (rules/alerts_test.yml) are written for the default thresholds and a
+The promtool unit tests (rules/alerts_test.yml, rules/reachability_test.yml) are written for the default thresholds and a
 job selector; an export with other thresholds or another selector leaves them out."""
 
 
@@ -71,9 +71,10 @@ def _write(out: Path, files: dict[str, str]) -> None:
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    stale = out / "rules" / "alerts_test.yml"
-    if "rules/alerts_test.yml" not in files and stale.exists():
-        stale.unlink()  # an earlier export's tests, written for other thresholds
+    for name in ("alerts_test.yml", "reachability_test.yml"):
+        stale = out / "rules" / name
+        if f"rules/{name}" not in files and stale.exists():
+            stale.unlink()  # an earlier export's tests, written for other thresholds
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     for rel in sorted(files):
         print(f"  {rel}")
     if "rules/alerts_test.yml" not in files:
-        print("rules/alerts_test.yml left out: the promtool unit tests are written for the "
+        print("rules/reachability_test.yml and rules/alerts_test.yml left out: the promtool unit "
+              "tests are written for the "
               "default thresholds and a job selector")
     return 0

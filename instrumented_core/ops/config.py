@@ -50,6 +50,11 @@ DEFAULTS: dict[str, Any] = {
     "rankWedgedFor": "15s",
     # VllmDpRankWedged (c): inside collective_rpc while a peer is not
     "rpcWedgedSeconds": 30,
+    # VllmDpRankUnreachable: a rank target down this long (multi-host: reachability.yml)
+    "unreachableFor": "30s",
+    # VllmDpPeersStalledOnUnreachableRank: peers with work idle this long while a rank is down
+    "peersStalledSeconds": 10,
+    "peersStalledFor": "15s",
     # Kubernetes manifests
     "namespace": "default",
     "podSelector": "app.kubernetes.io/name=vllm",
@@ -76,6 +81,9 @@ DESCRIPTIONS: dict[str, str] = {
     "groupWedgedFor": "`for:` of VllmDpGroupWedged",
     "rankWedgedFor": "`for:` of VllmDpRankWedged",
     "rpcWedgedSeconds": "inside collective_rpc while a peer is not, longer than this",
+    "unreachableFor": "`for:` of VllmDpRankUnreachable (a rank target down this long)",
+    "peersStalledSeconds": "peers with work without progress this long while a rank is unreachable",
+    "peersStalledFor": "`for:` of VllmDpPeersStalledOnUnreachableRank",
     "namespace": "namespace of the Kubernetes manifests",
     "podSelector": "label selector of the vLLM pods (key=value[,key=value])",
     "dpSize": "DP ranks per pod: the PodMonitor scrapes one port per rank",
@@ -88,7 +96,7 @@ THRESHOLD_KEYS = (
     "syncStuckSeconds", "syncStuckFor", "notProgressingSeconds", "notProgressingFor",
     "pauseConsensusMinSeconds", "pauseConsensusMaxSeconds", "pauseConsensusSlowFor",
     "syncRoundSkewFor", "startDpWaveFor", "wedgedSeconds", "groupWedgedFor", "rankWedgedFor",
-    "rpcWedgedSeconds",
+    "rpcWedgedSeconds", "unreachableFor", "peersStalledSeconds", "peersStalledFor",
 )
 
 _DURATION = re.compile(r"(?:[1-9][0-9]*(?:ms|s|m|h))+")

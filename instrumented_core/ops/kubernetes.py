@@ -4,7 +4,8 @@
   ``ic-rank-<r>`` (rank r serves on ``metricsPortBase + r``), each relabelled to the
   configured ``job`` so the rules' selector matches in-cluster as it does with prometheus.yml.
   A pod that does not declare a rank's port is not scraped for it (no false ``up == 0``).
-- ``PrometheusRule``: the recording and alert groups exactly as exported in ``rules/``.
+- ``PrometheusRule``: the recording and alert groups (alerts.yml, reachability.yml) exactly as
+  exported in ``rules/``.
 - ``vllm-deployment.example.yaml``: a vLLM Deployment with the plugin's environment and the
   named ports the PodMonitor scrapes (an example to adapt, not applied as is).
 - Dashboard ``ConfigMap``s labelled ``grafana_dashboard: "1"`` (what the Grafana sidecar of
@@ -138,7 +139,7 @@ def manifests(config: Mapping[str, Any], files: Mapping[str, str]) -> dict[str, 
     import yaml
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    groups = [g for name in ("rules/recording.yml", "rules/alerts.yml")
+    groups = [g for name in ("rules/recording.yml", "rules/alerts.yml", "rules/reachability.yml")
               for g in yaml.load(files[name], Loader=loader)["groups"]]
     maps = [dashboard_config_map(config, path.split("/", 1)[1], text)
             for path, text in sorted(files.items()) if path.startswith("dashboards/")]

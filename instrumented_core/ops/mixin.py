@@ -53,11 +53,14 @@ def _jsonnet(value: Any, indent: int = 0) -> str:
 
 def libsonnet(config: Mapping[str, Any], rules: Mapping[str, Any],
               dashboards: Mapping[str, Any]) -> str:
-    """The mixin text: ``config`` as the ``_config`` defaults, the templates as its fields."""
+    """The mixin text: ``config`` as the ``_config`` defaults, the templates as its fields.
+
+    ``prometheusAlerts`` holds the groups of alerts.yml and then of reachability.yml."""
+    alerts = [g for name in ("alerts.yml", "reachability.yml") for g in rules[name]["groups"]]
     body = [
         "  _config+:: " + json.dumps(dict(config), indent=4)[:-1] + "  },",
         "  prometheusRules+:: { groups+: " + _jsonnet(rules["recording.yml"]["groups"], 2) + " },",
-        "  prometheusAlerts+:: { groups+: " + _jsonnet(rules["alerts.yml"]["groups"], 2) + " },",
+        "  prometheusAlerts+:: { groups+: " + _jsonnet(alerts, 2) + " },",
         "  grafanaDashboards+:: " + _jsonnet(dict(dashboards), 1) + ",",
     ]
     return _HEADER + "{\n" + "\n".join(body) + "\n}\n"

@@ -17,10 +17,14 @@ from typing import Any
 from instrumented_core.ops import kubernetes, mixin
 from instrumented_core.ops.config import DEFAULTS, DESCRIPTIONS, render, thresholds_are_default
 
-__all__ = ["DASHBOARDS", "RULE_FILES", "bundle_files", "dashboard_templates", "render_leaves",
+__all__ = ["ALERT_FILES", "DASHBOARDS", "RULE_FILES", "RULE_TESTS", "bundle_files", "dashboard_templates", "render_leaves",
            "rule_templates", "threshold_table"]
 
-RULE_FILES = ("recording.yml", "alerts.yml")
+RULE_FILES = ("recording.yml", "alerts.yml", "reachability.yml")
+# promtool unit tests, written for the default thresholds (left out of a configured export)
+RULE_TESTS = ("alerts_test.yml", "reachability_test.yml")
+# alert rule files: the mixin's prometheusAlerts and the PrometheusRule carry all of them
+ALERT_FILES = ("alerts.yml", "reachability.yml")
 DASHBOARDS = ("dp_pause_consensus.json", "stuck_rank.json")
 STATIC = ("alertmanager.yml", "collector.yaml")
 
@@ -80,11 +84,13 @@ def bundle_files(config: Mapping[str, Any]) -> dict[str, str]:
     for name in RULE_FILES:
         out[f"rules/{name}"] = render(_bundle_text("rules", name), ctx)
     if thresholds_are_default(config):
-        out["rules/alerts_test.yml"] = render(_bundle_text("rules", "alerts_test.yml"), ctx)
+        for name in RULE_TESTS:
+            out[f"rules/{name}"] = render(_bundle_text("rules", name), ctx)
     for name, template in dashboard_templates().items():
         out[f"dashboards/{name}"] = dump_json(render_leaves(template, config))
     out["runbooks.md"] = render(_bundle_text("runbooks.md"), ctx)
-    out["prometheus.yml"] = render(_bundle_text("prometheus.yml"), ctx)
+    for name in ("prometheus.yml", "prometheus-multihost.yml"):
+        out[name] = render(_bundle_text(name), ctx)
     for name in STATIC:
         out[name] = _bundle_text(name)
     out["mixin/mixin.libsonnet"] = mixin.libsonnet(config, rule_templates(), dashboard_templates())

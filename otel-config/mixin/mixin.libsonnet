@@ -23,6 +23,9 @@
     "groupWedgedFor": "15s",
     "rankWedgedFor": "15s",
     "rpcWedgedSeconds": 30,
+    "unreachableFor": "30s",
+    "peersStalledSeconds": 10,
+    "peersStalledFor": "15s",
     "namespace": "default",
     "podSelector": "app.kubernetes.io/name=vllm",
     "dpSize": 4,
@@ -180,6 +183,37 @@
               "summary": "DP rank {{ $labels.engine }} is wedged ({{ $value | humanizeDuration }}) and holds its peers up.",
               "description": ("Rank {{ $labels.engine }} of {{ $labels.model_name }} (job {{ $labels.job }}) is wedged {{- range query (printf \"max by (collective) (vllm_dp_collective_inside_seconds{collective=~\\\"step|collective_rpc\\\",job=%%q,model_name=%%q,engine=%%q}) > 0\" $labels.job $labels.model_name $labels.engine) }} inside {{ .Labels.collective }} (waiting for its own workers) for {{ .Value | humanizeDuration }} {{- if eq .Labels.collective \"collective_rpc\" }}{{ with query (printf \"vllm_dp_collective_inside_seconds{collective=\\\"collective_rpc\\\",job=%%q,model_name=%%q} == 0\" $labels.job $labels.model_name) | sortByLabel \"engine\" }} while its peers (engines {{ range $i, $s := . }}{{ if $i }}, {{ end }}{{ $s.Labels.engine }}{{ end }}) are not inside theirs{{ end }}{{ end }}{{ end }}. {{- with query (printf \"max by (worker) (vllm_dp_worker_heartbeat_age_seconds{job=%%q,model_name=%%q,engine=%%q}) > %(wedgedSeconds)s\" $labels.job $labels.model_name $labels.engine) | sortByLabel \"worker\" }} Frozen worker(s) (no heartbeat: SIGSTOP, or C code holding the GIL): {{ range $i, $s := . }}{{ if $i }}, {{ end }}worker {{ $s.Labels.worker }} for {{ $s.Value | humanizeDuration }}{{ end }}.{{ end }} {{- with query (printf \"max by (worker, call, collective) (vllm_dp_worker_position_info{job=%%q,model_name=%%q,engine=%%q})\" $labels.job $labels.model_name $labels.engine) | sortByLabel \"worker\" }} Its workers are in: {{ range $i, $s := . }}{{ if $i }}, {{ end }}worker {{ $s.Labels.worker }} call {{ $s.Labels.call }}, model collective {{ $s.Labels.collective }}{{ end }}.{{ end }} {{- with query (printf \"max by (engine, collective) (vllm_dp_worker_model_collective_inside_seconds{job=%%q,model_name=%%q,engine!=%%q} * on (job, instance, model_name, engine, worker) group_left (collective) vllm_dp_worker_position_info) > %(wedgedSeconds)s\" $labels.job $labels.model_name $labels.engine) | sortByLabel \"engine\" }} Peers' workers wait in a model collective: {{ range $i, $s := . }}{{ if $i }}, {{ end }}engine {{ $s.Labels.engine }} in {{ $s.Labels.collective }} for {{ $s.Value | humanizeDuration }}{{ end }}.{{ end }} Rank {{ $labels.engine }} is the culprit; its peers are victims waiting for it." % $._config),
               "runbook_url": ("%(runbookUrlBase)s#vllmdprankwedged" % $._config),
+            },
+          },
+        ],
+      },
+      {
+        "name": "vllm-dp.reachability",
+        "rules": [
+          {
+            "alert": "VllmDpRankUnreachable",
+            "expr": ("(scrape_duration_seconds{%(selector)s} and on (job, instance) up{%(selector)s} == 0)\n* on (job, instance) group_left (model_name, engine)\n(0 * max by (job, instance, model_name, engine) (last_over_time(vllm_dp_size{%(selector)s}[15m])) + 1)\n" % $._config),
+            "for": ("%(unreachableFor)s" % $._config),
+            "labels": {
+              "severity": "warning",
+            },
+            "annotations": {
+              "summary": "DP rank {{ $labels.engine }} ({{ $labels.instance }}) cannot be scraped.",
+              "description": ("Prometheus has not scraped rank {{ $labels.engine }} of {{ $labels.model_name }} at {{ $labels.instance }} for %(unreachableFor)s; the last attempt took {{ $value | humanize }}s (at the scrape timeout: no answer in time, a frozen process or a partitioned host; near zero: refused, the process is gone, or no route). Run `instrumented-core doctor --targets` from this Prometheus' host: it says unreachable, unresponsive or down." % $._config),
+              "runbook_url": ("%(runbookUrlBase)s#vllmdprankunreachable" % $._config),
+            },
+          },
+          {
+            "alert": "VllmDpPeersStalledOnUnreachableRank",
+            "expr": ("(\n  (up{%(selector)s} == 0)\n  * on (job, instance) group_left (model_name, engine)\n  (0 * max by (job, instance, model_name, engine) (last_over_time(vllm_dp_size{%(selector)s}[15m])))\n)\n+ on (job, model_name) group_left\ncount by (job, model_name) (\n  (timestamp(vllm_dp_last_progress_timestamp_seconds{%(selector)s}) - vllm_dp_last_progress_timestamp_seconds{%(selector)s} > %(peersStalledSeconds)s)\n  and on (job, model_name, engine) (vllm_dp_engines_running{%(selector)s} == 1)\n)\n" % $._config),
+            "for": ("%(peersStalledFor)s" % $._config),
+            "labels": {
+              "severity": "critical",
+            },
+            "annotations": {
+              "summary": "DP rank {{ $labels.engine }} ({{ $labels.instance }}) is unreachable and {{ $value }} peer(s) with work stopped progressing.",
+              "description": ("Rank {{ $labels.engine }} of {{ $labels.model_name }} at {{ $labels.instance }} cannot be scraped while {{ $value }} peer rank(s) with work have made no progress for more than %(peersStalledSeconds)ss (waiting for it in sync_dp_state or in a step's model collective): the rank, or its host's link, stopped, and the group hangs until it comes back or the Gloo timeout ends it." % $._config),
+              "runbook_url": ("%(runbookUrlBase)s#vllmdppeersstalledonunreachablerank" % $._config),
             },
           },
         ],
