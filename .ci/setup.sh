@@ -32,7 +32,7 @@ if [ "$want" = "test" ]; then
   # test-only vLLM plugins (fault injection, legacy pause, CPU DP MoE): never in the wheel
   "${PIP[@]}" -e ./testing
   "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-  "$PY" -m instrumented_core.vllm_support.matrix setup 0.27.0 0.30.0  # their own venvs (CI runs them)
+  "$PY" -m instrumented_core.vllm_support.matrix setup 0.27.0  # its own venv (CI runs it)
 else
   "${PIP[@]}" -e .
 fi

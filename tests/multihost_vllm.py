@@ -187,12 +187,13 @@ class TwoHostVllm:
 # ----------------------------------------------------------------------------------------------
 
 def _front_main(model: str, address: str, cpu_timeout: int) -> int:
+    from instrumented_core.scenarios import staggered_barrier
     from instrumented_core.vllm_support.engine import (
         PROMPTS,
         Traffic,
+        VllmClient,
         VllmEngine,
         generate,
-        staggered_barrier_scenario,
     )
 
     # the answers get the pipe to the test; everything else (vLLM's logs) goes to stderr
@@ -233,11 +234,10 @@ def _front_main(model: str, address: str, cpu_timeout: int) -> int:
                         say(event=cmd, tokens=[len(o["tokens"]) for o in outs])
                     elif cmd == "staggered":
                         t0 = time.monotonic()
-                        out = await staggered_barrier_scenario(engine.llm, barrier_timeout=60.0,
-                                                               t=60.0, gap=msg.get("gap", 3.0))
-                        say(event=cmd, is_paused=out["is_paused"],
-                            routed_tokens=len(out["routed"]["tokens"]),
-                            finish_reason=out["routed"]["finish_reason"],
+                        out = await staggered_barrier(
+                            VllmClient(engine.llm, step_timeout=60.0, barrier_timeout=60.0),
+                            gap=msg.get("gap", 3.0), tokens=8)
+                        say(event=cmd, is_paused=out.paused, routed=out.routed,
                             seconds=time.monotonic() - t0)
                     elif cmd == "traffic_on":
                         traffic = Traffic(engine.llm, lanes_per_rank=1,

@@ -89,7 +89,6 @@ def render(data: RunData) -> str:
     if data.notes:
         body.append('<ul class="notes">' + "".join(f"<li>{esc(x)}</li>" for x in data.notes)
                     + "</ul>")
-    body.append(flight_section(data.out_dir))
     body.append('<h2 id="phases">Pause phase per rank</h2>')
     body.append('<p class="note">Scraped from each rank\'s <code>/metrics</code> every 0.25 s; '
                 "the short pending phases come from the <code>" + esc(n.SPAN_PENDING)
@@ -108,6 +107,9 @@ def render(data: RunData) -> str:
     body.append(_latency_section(data))
     body.append("<h2 id=\"waves\"><code>START_DP_WAVE</code> acted / ignored per rank</h2>")
     body.append(_waves_section(data))
+    # the flight recorder's cross-rank analysis of the hang dumps (long when a run hung):
+    # after the plots, which the verdict banner above already summarises
+    body.append(flight_section(data.out_dir))
     body.append('<h2 id="ranks">Per rank</h2>')
     body.append(_rank_table(data, set(culprits), set(victims)))
     body.append(f'<p class="small">generated {esc(time.strftime("%Y-%m-%d %H:%M:%S"))} from '

