@@ -247,4 +247,18 @@ def namespaces_left(tag: str) -> list[str]:
     return [line.split()[0] for line in listed if line.startswith(tag)]
 
 
+@contextmanager
+def module_lab(hosts: int = 2) -> Iterator[Lab]:
+    """A lab for one test module. Where namespaces cannot be made the test fails (the suite
+    runs as root on Linux by design), and on the way out none of the lab's may be left."""
+    import pytest
 
+    try:
+        made = Lab(hosts).__enter__()
+    except LabUnavailable as e:
+        pytest.fail(f"multi-host tests cannot make network namespaces here: {e}")
+    try:
+        yield made
+    finally:
+        made.close()
+        assert namespaces_left(made.tag) == [], "network namespaces left behind"

@@ -24,7 +24,7 @@ import pytest
 from instrumented_core.cluster import Cluster, ClusterConfig
 from instrumented_core.doctor import DoctorReport, run_doctor
 from instrumented_core.telemetry import TelemetryConfig
-from tests.netns import PREFIX, Lab, LabUnavailable, inside, namespaces_left
+from tests.netns import PREFIX, Lab, inside, module_lab, namespaces_left
 
 pytestmark = pytest.mark.cluster
 
@@ -34,15 +34,8 @@ PORT_BASE = 8100
 
 @pytest.fixture(scope="module")
 def lab():
-    try:
-        made = Lab(2).__enter__()
-    except LabUnavailable as e:
-        pytest.fail(f"multi-host tests cannot make network namespaces here: {e}")
-    try:
+    with module_lab(2) as made:
         yield made
-    finally:
-        made.close()
-        assert namespaces_left(made.tag) == [], "network namespaces left behind"
 
 
 @pytest.fixture(scope="module")

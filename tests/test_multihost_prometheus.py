@@ -23,7 +23,7 @@ from instrumented_core.doctor import run_doctor
 from instrumented_core.telemetry import TelemetryConfig
 from instrumented_core.telemetry import names as n
 from tests.helpers import require_tool
-from tests.netns import Lab, LabUnavailable, inside, namespaces_left
+from tests.netns import inside, module_lab
 from tests.prom_helpers import OTEL, Prometheus, Server
 from tests.test_ops_live import Webhook, alertmanager_config
 
@@ -52,54 +52,49 @@ def multihost_config(tmp, alertmanager: str, interval: str = "1s") -> dict:
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost-prom")
     binary = require_tool("prometheus")
-    try:
-        lab = Lab(2).__enter__()
-    except LabUnavailable as e:
-        pytest.fail(f"multi-host tests cannot make network namespaces here: {e}")
-    prom = alertmanager = webhook = None
-    try:
-        cfg = ClusterConfig(ranks=RANKS, sync_interval=16, hang_timeout=120,
-                            collective_timeout=120, hosts=lab.rank_hosts(RANKS),
-                            telemetry=TelemetryConfig(metrics_port_base=8100,
-                                                      spans_file=str(tmp / "spans.jsonl")))
-        with inside(lab.monitor), Cluster(cfg) as cluster:
-            (tmp / "targets").mkdir()
-            for h in lab.hosts:  # what each host's launcher writes
-                ranks = [r for r, rh in enumerate(cfg.hosts) if rh.netns == h.netns]
-                (tmp / "targets" / f"vllm-dp-host{h.index}.json").write_text(json.dumps([{
-                    "targets": [f"{h.address}:{8100 + r}" for r in ranks],
-                    "labels": {"host": f"host{h.index}"}}]))
-            # Alertmanager and its webhook receiver on the monitor host, with the shipped route
-            webhook = Webhook()
-            (tmp / "alertmanager.yml").write_text(
-                yaml.safe_dump(alertmanager_config(webhook.url)))
-            am_port = free_port()
-            alertmanager = Server("alertmanager", [
-                require_tool("prometheus-alertmanager"),
-                f"--config.file={tmp / 'alertmanager.yml'}",
-                f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=",
-                f"--storage.path={tmp / 'am-data'}", "--log.level=warn",
-            ], f"http://127.0.0.1:{am_port}", tmp / "alertmanager.log")
-            alertmanager.wait_ready("/-/ready")
-            (tmp / "prometheus.yml").write_text(yaml.safe_dump(
-                multihost_config(tmp, f"127.0.0.1:{am_port}")))
-            port = free_port()
-            prom = Prometheus("prometheus", [
-                binary, f"--config.file={tmp / 'prometheus.yml'}",
-                f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.path={tmp / 'data'}",
-                "--log.level=warn"], f"http://127.0.0.1:{port}", tmp / "prometheus.log")
-            prom.wait_ready("/-/ready")
-            prom.wait_targets_up(RANKS)
-            yield lab, cluster, prom, webhook
-    finally:
-        if prom is not None:
-            prom.stop()
-        if alertmanager is not None:
-            alertmanager.stop()
-        if webhook is not None:
-            webhook.close()
-        lab.close()
-        assert namespaces_left(lab.tag) == []
+    with module_lab(2) as lab:
+        prom = alertmanager = webhook = None
+        try:
+            cfg = ClusterConfig(ranks=RANKS, sync_interval=16, hang_timeout=120,
+                                collective_timeout=120, hosts=lab.rank_hosts(RANKS),
+                                telemetry=TelemetryConfig(metrics_port_base=8100,
+                                                          spans_file=str(tmp / "spans.jsonl")))
+            with inside(lab.monitor), Cluster(cfg) as cluster:
+                (tmp / "targets").mkdir()
+                for h in lab.hosts:  # what each host's launcher writes
+                    ranks = [r for r, rh in enumerate(cfg.hosts) if rh.netns == h.netns]
+                    (tmp / "targets" / f"vllm-dp-host{h.index}.json").write_text(json.dumps([{
+                        "targets": [f"{h.address}:{8100 + r}" for r in ranks],
+                        "labels": {"host": f"host{h.index}"}}]))
+                # Alertmanager and its webhook receiver on the monitor host, with the shipped route
+                webhook = Webhook()
+                (tmp / "alertmanager.yml").write_text(
+                    yaml.safe_dump(alertmanager_config(webhook.url)))
+                am_port = free_port()
+                alertmanager = Server("alertmanager", [
+                    require_tool("prometheus-alertmanager"),
+                    f"--config.file={tmp / 'alertmanager.yml'}",
+                    f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=",
+                    f"--storage.path={tmp / 'am-data'}", "--log.level=warn",
+                ], f"http://127.0.0.1:{am_port}", tmp / "alertmanager.log")
+                alertmanager.wait_ready("/-/ready")
+                (tmp / "prometheus.yml").write_text(yaml.safe_dump(
+                    multihost_config(tmp, f"127.0.0.1:{am_port}")))
+                port = free_port()
+                prom = Prometheus("prometheus", [
+                    binary, f"--config.file={tmp / 'prometheus.yml'}",
+                    f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.path={tmp / 'data'}",
+                    "--log.level=warn"], f"http://127.0.0.1:{port}", tmp / "prometheus.log")
+                prom.wait_ready("/-/ready")
+                prom.wait_targets_up(RANKS)
+                yield lab, cluster, prom, webhook
+        finally:
+            if prom is not None:
+                prom.stop()
+            if alertmanager is not None:
+                alertmanager.stop()
+            if webhook is not None:
+                webhook.close()
 
 
 def sync_wait_mean(prom: Prometheus, engines: str, window: str = "5s") -> float:

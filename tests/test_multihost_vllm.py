@@ -17,22 +17,15 @@ from instrumented_core.doctor import DoctorReport, run_doctor
 from instrumented_core.scrape import scrape_all
 from instrumented_core.telemetry import names as n
 from tests.multihost_vllm import TwoHostVllm
-from tests.netns import Lab, LabUnavailable, inside, namespaces_left
+from tests.netns import Lab, inside, module_lab
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
 def lab():
-    try:
-        made = Lab(2).__enter__()
-    except LabUnavailable as e:
-        pytest.fail(f"multi-host tests cannot make network namespaces here: {e}")
-    try:
+    with module_lab(2) as made:
         yield made
-    finally:
-        made.close()
-        assert namespaces_left(made.tag) == [], "network namespaces left behind"
 
 
 @pytest.fixture(scope="module")
