@@ -12,12 +12,11 @@ import pytest
 from instrumented_core.cluster import Cluster, ClusterConfig, ClusterConfigError, CollectiveHang
 from instrumented_core.scenarios import (
     ClusterClient,
-    check_schedule,
     pause_mode_round,
-    run_random_schedule,
     upstream_deadlock_scenario,
 )
 from instrumented_core.telemetry import TelemetryConfig, TelemetryConfigError
+from instrumented_core_testing.schedules import check_schedule, run_random_schedule
 
 pytestmark = pytest.mark.cluster
 

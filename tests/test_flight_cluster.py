@@ -23,14 +23,11 @@ import pytest
 
 from instrumented_core.cluster import Cluster, ClusterConfig, CollectiveHang
 from instrumented_core.flight_analysis import analyze, load_dumps
-from instrumented_core.scenarios import (
-    check_schedule,
-    run_random_schedule,
-    upstream_deadlock_scenario,
-)
+from instrumented_core.scenarios import upstream_deadlock_scenario
 from instrumented_core.scrape import scrape_all
 from instrumented_core.telemetry import TelemetryConfig
 from instrumented_core.telemetry import names as n
+from instrumented_core_testing.schedules import check_schedule, run_random_schedule
 
 pytestmark = pytest.mark.cluster
 

@@ -28,7 +28,7 @@ from tests.test_ops_static import tool
 pytestmark = pytest.mark.prometheus
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_ONLY_MODULES = {"faults.py", "legacy_pause.py", "otlp_sink.py", "cpu_dp.py"}
+TEST_ONLY_MODULES = {"faults.py", "legacy_pause.py", "otlp_sink.py", "cpu_dp.py", "schedules.py"}
 
 
 def _run(*args: str | Path, cwd: Path, env: dict | None = None,
@@ -79,6 +79,9 @@ def test_the_wheel_ships_the_bundle_and_no_test_only_code_or_plugin(venv):
         plugins = _group(whl.read(entry_points).decode(), "vllm.general_plugins")
     assert plugins == {"instrumented_core": "instrumented_core.vllm_support.plugin:register"}
     assert not {Path(n).name for n in names} & TEST_ONLY_MODULES
+    with zipfile.ZipFile(prod) as whl:  # nor the randomized schedules, under any file name
+        assert not [n for n in names if n.endswith(".py")
+                    and b"def run_random_schedule" in whl.read(n)]
     for needed in ("rules/alerts.yml", "rules/recording.yml", "rules/alerts_test.yml",
                    "rules/reachability.yml", "rules/reachability_test.yml", "prometheus-multihost.yml",
                    "dashboards/stuck_rank.json", "dashboards/dp_pause_consensus.json",

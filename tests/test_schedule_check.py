@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from instrumented_core.cluster.client import RequestHandle
-from instrumented_core.scenarios import PauseRecord, ScheduleResult, check_schedule
+from instrumented_core_testing.schedules import PauseRecord, ScheduleResult, check_schedule
 
 
 class _IdleCluster:
