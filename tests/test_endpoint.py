@@ -191,3 +191,20 @@ def test_the_second_opt_in_is_read_from_the_environment(monkeypatch):
         assert _stacks(server)[0] == 200
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("error", [BrokenPipeError, ConnectionResetError])
+def test_a_client_gone_before_its_answer_leaves_no_traceback(endpoint, capsys, error):
+    """After SIGCONT a frozen rank answers the scrapes queued while it was stopped; their
+    clients are long gone. Those writes fail routinely and must not print tracebacks into the
+    engine's log; any other handler error still does."""
+    try:
+        raise error(32, "the client went away")
+    except error:
+        endpoint._server.handle_error(None, ("127.0.0.1", 1))
+    assert capsys.readouterr().err == ""
+    try:
+        raise ValueError("a real bug in a handler")
+    except ValueError:
+        endpoint._server.handle_error(None, ("127.0.0.1", 1))
+    assert "ValueError: a real bug in a handler" in capsys.readouterr().err

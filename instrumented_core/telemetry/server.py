@@ -120,6 +120,14 @@ class _Server(ThreadingHTTPServer):
         self.scrapes_failed = 0
         super().__init__(address, handler)
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that left before its answer (a scraper past its timeout, or one whose
+        request waited while the process was frozen) is routine for an engine's endpoint: no
+        traceback on the engine's stderr. Anything else is still printed by socketserver."""
+        if isinstance(sys.exc_info()[1], ConnectionError):  # BrokenPipe, ConnectionReset, ...
+            return
+        super().handle_error(request, client_address)
+
     def scrape_failed(self, error: Exception) -> None:
         """Log the first failed scrape with its traceback; the next ones only count."""
         self.scrapes_failed += 1
