@@ -99,6 +99,14 @@ def busy(cluster: Cluster, tokens: int = 10**7) -> list:
     return [cluster.generate(tokens, rank=r) for r in range(RANKS)]
 
 
+def abort_busy(cluster: Cluster, handles: list) -> None:
+    """End what :func:`busy` started, proving the group works again: an abort pause aborts
+    every request, and the resume leaves the module's cluster ready for the next test."""
+    cluster.pause("abort")
+    assert [h.result(30) for h in handles] == ["aborted"] * RANKS
+    cluster.resume()
+
+
 def test_ranks_serve_on_their_hosts_and_sync_over_the_bridge(lab, cluster):
     assert [t.rsplit(":", 1) for t in targets(cluster)] == [
         [lab.hosts[0].address, "8100"], [lab.hosts[0].address, "8101"],
@@ -130,9 +138,7 @@ def test_monitor_cut_off_one_host_is_unobserved_not_stuck(lab, cluster):
     finally:
         lab.restore_monitor(host)
     wait_for(lab, cluster, "healthy")
-    cluster.pause("abort")
-    assert [h.result(30) for h in handles] == ["aborted"] * RANKS
-    cluster.resume()
+    abort_busy(cluster, handles)
 
 
 def test_partition_of_a_host_names_it_and_the_peers_waiting_in_sync(lab, cluster):
@@ -152,9 +158,7 @@ def test_partition_of_a_host_names_it_and_the_peers_waiting_in_sync(lab, cluster
     # shorter than the Gloo timeout: TCP retransmits, the round completes, the group goes on
     wait_for(lab, cluster, "healthy", timeout=60)
     assert all(cluster.alive())
-    cluster.pause("abort")
-    assert [h.result(30) for h in handles] == ["aborted"] * RANKS
-    cluster.resume()
+    abort_busy(cluster, handles)
 
 
 def test_a_frozen_rank_is_unresponsive_then_recovers(lab, cluster):
@@ -171,9 +175,7 @@ def test_a_frozen_rank_is_unresponsive_then_recovers(lab, cluster):
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_for(lab, cluster, "healthy", timeout=30)
-    cluster.pause("abort")
-    assert [h.result(30) for h in handles] == ["aborted"] * RANKS
-    cluster.resume()
+    abort_busy(cluster, handles)
 
 
 def test_a_killed_rank_on_the_second_host_is_down(lab, cluster):
