@@ -88,6 +88,35 @@ def _demo_ranks(raw: str) -> int:
     return value
 
 
+def _demo_hosts(raw: str) -> int:
+    value = _positive_int("--hosts")(raw)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"--hosts must be >= 2, got {value} (one host is the "
+                                         "default: drop --hosts)")
+    return value
+
+
+def _demo_hosts_problem(args) -> str | None:
+    """``demo --hosts``: what stops the lab from being built, checked before anything starts
+    (the flags, then whether this machine can make network namespaces); None if nothing."""
+    if args.hosts is None:
+        return None
+    if args.engine != "cpu":
+        return ("--hosts spreads the CPU cluster's ranks over hosts: use it with --engine cpu "
+                "(the default), or drop --hosts")
+    ranks = args.ranks or 4
+    if args.hosts > ranks:
+        return (f"--hosts {args.hosts} is more hosts than ranks ({ranks}): every host runs at "
+                f"least one rank: give --ranks {args.hosts} or more, or fewer hosts")
+    from instrumented_core.cluster.netns import LabUnavailable, check_available
+
+    try:
+        check_available(who=f"`{PROG} demo --hosts`")
+    except LabUnavailable as e:
+        return str(e)
+    return None
+
+
 def _out_dir(raw: str) -> str:
     """An output directory (not a file); :func:`_prepare_out` creates and tries it."""
     if not raw.strip():
@@ -212,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="SECONDS",
                       help="keep the cluster and its fault up this long after the verdict, "
                            "e.g. for Prometheus alerts to fire (default 0)")
+    demo.add_argument("--hosts", type=_demo_hosts, default=None, metavar="N",
+                      help="spread the CPU cluster's ranks over N >= 2 hosts: network "
+                           "namespaces on one bridge, Gloo and /metrics on each host's address "
+                           "(needs root; the namespaces are removed when the demo ends)")
     demo.add_argument("--no-live", action="store_true",
                       help="plain log lines (automatic when stdout is not a terminal)")
 
@@ -264,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor" and args.selector and not args.prometheus:
         parser.error("--selector needs --prometheus (with --targets, list the ranks instead)")
     if args.command == "demo":
-        problem = _demo_telemetry_off() or _prepare_out(args.out)
+        problem = (_demo_telemetry_off() or _demo_hosts_problem(args)
+                   or _prepare_out(args.out))
         if problem:
             print(f"{PROG}: error: {problem}", file=sys.stderr)
             return 2
@@ -319,7 +353,8 @@ def _demo(args) -> int:
                           sync_interval=args.sync_interval, duration=args.duration,
                           seed=args.seed, out=args.out,
                           live=not args.no_live and stdout_is_terminal(),
-                          metrics_port_base=base, hold=max(0.0, args.hold))
+                          metrics_port_base=base, hold=max(0.0, args.hold),
+                          hosts=args.hosts or 0)
     return run_demo(options, out=lambda line: print(line, flush=True))
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from instrumented_core.cluster import Cluster, ClusterConfig, ClusterError, CollectiveHang
+from instrumented_core.cluster.netns import Lab, enter_netns, leave_netns
 from instrumented_core.diagnosis import verdict_matches
 from instrumented_core.doctor import run_doctor
 from instrumented_core.recorder import Recorder
@@ -59,6 +60,7 @@ class DemoOptions:
     metrics_port_base: int | None = None
     debug_endpoint: bool = True
     hold: float = 0.0  # keep the cluster (and the fault) up this long after the verdict
+    hosts: int = 0  # >= 2: the ranks spread over that many network-namespace hosts (the lab)
 
 
 class Story:
@@ -298,7 +300,7 @@ async def _diagnose(targets: list[str], story: Story, deadline: float, want_faul
 
 async def _story(engine: DemoEngine, plan: Plan, story: Story, state: StoryState) -> None:
     options = plan.options
-    targets = [u.removeprefix("http://").removesuffix("/metrics") for u in engine.metrics_urls]
+    targets = [_target_of(u) for u in engine.metrics_urls]
     await engine.warm_up()
     phase = max(1.0, options.duration * 0.25)
     traffic = engine.traffic(plan.rng)
@@ -398,14 +400,18 @@ class ClusterEngine:
                                              flight_dir=str(self.plan.out_dir / FLIGHT_DIR))
         if telemetry.watchdog_seconds is None:  # the story's hang must dump before it ends
             telemetry = replace(telemetry, watchdog_seconds=DEMO_WATCHDOG_SECONDS)
+        # --hosts: the lab's names and addresses are planned now, built by start()
+        self.lab = Lab(o.hosts) if o.hosts else None
         config = ClusterConfig(ranks=o.ranks, protocol=o.protocol, cadence=o.cadence,
                                sync_interval=o.sync_interval, hang_timeout=6.0,
                                telemetry=telemetry,
                                # peers of a stalled rank must keep waiting through --hold
-                               collective_timeout=120.0 + o.duration + o.hold)
+                               collective_timeout=120.0 + o.duration + o.hold,
+                               hosts=self.lab.rank_hosts(o.ranks) if self.lab else ())
         self.cluster = Cluster(config)  # checks settings and ports
         self.fault_deadline = max(15.0, o.duration * 0.5)
         self._loop = asyncio.new_event_loop()
+        self._home: int | None = None  # the namespace the demo left for the monitor's
 
     @property
     def metrics_urls(self) -> list[str]:
@@ -413,11 +419,42 @@ class ClusterEngine:
 
     def describe(self) -> str:
         o = self.plan.options
-        return (f"starting a {o.ranks}-rank CPU cluster ({o.protocol}, sync every "
+        where = (f" over {len(self.lab.hosts)} hosts (network namespaces on one bridge)"
+                 if self.lab else "")
+        return (f"starting a {o.ranks}-rank CPU cluster{where} ({o.protocol}, sync every "
                 f"{o.sync_interval} steps, {o.cadence} cadence, seed {self.plan.seed})")
 
     def start(self, out: Callable[[str], None]) -> None:
-        self.cluster.start()
+        if self.lab is None:
+            self.cluster.start()
+            return
+        self.lab.build(who=f"`{PROG} demo --hosts`")
+        self.cluster.start()  # each rank joins its host's namespace before any socket
+        # the demo itself reads the ranks as the monitor host does (the live view, the
+        # doctor, the final expositions): its main thread, and what it starts, from here on
+        self._home = enter_netns(self.lab.monitor)
+        for line in self.reach_lines():
+            out(line)
+
+    def reach_lines(self) -> list[str]:
+        """Where each rank runs and how to reach its endpoint while the demo runs (only from
+        the monitor namespace: the lab's addresses exist nowhere else)."""
+        assert self.lab is not None
+        urls = self.metrics_urls
+        lines = [f"lab: {len(self.lab.hosts)} hosts on a bridge, monitor "
+                 f"{self.lab.monitor_address} (netns {self.lab.monitor}); the namespaces are "
+                 "removed when the demo ends"]
+        for host in self.lab.hosts:
+            ranks = [r for r, h in enumerate(self.cluster.config.hosts) if h.netns == host.netns]
+            lines.append(f"host {host.index + 1}: {host.address} (netns {host.netns}): "
+                         + ("rank " if len(ranks) == 1 else "ranks ")
+                         + ", ".join(str(r) for r in ranks))
+        targets = ",".join(_target_of(u) for u in urls if u)
+        lines.append(f"reach a rank's endpoint: ip netns exec {self.lab.monitor} curl -s "
+                     f"{urls[0] if urls else 'URL'}")
+        lines.append(f"ask the doctor: ip netns exec {self.lab.monitor} {PROG} doctor "
+                     f"--targets {targets}")
+        return lines
 
     def run(self, story: Coroutine[Any, Any, None], budget: float) -> None:
         from instrumented_core.scenarios import bounded
@@ -449,12 +486,28 @@ class ClusterEngine:
 
     def close(self) -> None:
         try:
+            if self._home is not None:  # back from the monitor's namespace first: removing
+                home, self._home = self._home, None  # it kills what is still inside
+                leave_netns(home)
             _cancel_tasks(self._loop)
         finally:
-            self.cluster.stop()
+            try:
+                self.cluster.stop()
+            finally:
+                if self.lab is not None:
+                    self.lab.close()
 
     def summary_fields(self) -> dict[str, Any]:
-        return {}
+        if self.lab is None:
+            return {}
+        return {"hosts": [{"host": h.index + 1, "address": h.address,
+                           "ranks": [r for r, rh in enumerate(self.cluster.config.hosts)
+                                     if rh.netns == h.netns]} for h in self.lab.hosts]}
+
+
+def _target_of(url: str) -> str:
+    """``host:port`` of a metrics URL (what ``doctor --targets`` takes)."""
+    return url.removeprefix("http://").removesuffix("/metrics")
 
 
 def _cancel_tasks(loop: asyncio.AbstractEventLoop) -> None:
