@@ -3,7 +3,8 @@ never make a healthy rank.
 
 The table runs the command line as a user does (a subprocess per case, about 0.3 s each) over
 every flag of ``doctor`` and the ``demo`` flags that take a value checked before anything
-starts (--duration, --hold, --ranks, --out). The fuzz feeds the scrape parser random bytes,
+starts (--duration, --hold, --ranks, --out, --hosts: with it, a machine that cannot make
+network namespaces is refused up front). The fuzz feeds the scrape parser random bytes,
 truncated and oversized expositions and broken values, in-process.
 """
 
@@ -88,6 +89,9 @@ def fakes() -> Iterator[dict[str, str]]:
 # --- the table ----------------------------------------------------------------------------------
 
 T = "127.0.0.1:8100"
+#: A leading item that runs the case as root without any capability (a container that does
+#: not allow network namespaces): ``setpriv`` drops them all before the CLI starts.
+NO_CAPABILITIES = "(no capabilities)"
 #: id: (argv, exit code, words of the one line). "{file}", "{html}", ... are filled per run.
 CASES: dict[str, tuple[list[str], int, str]] = {
     # doctor --targets
@@ -150,6 +154,19 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "demo --out cannot be created": (["demo", "--out", "/proc/instrumented-core/out"], 2,
                                      "cannot be used"),
     "demo --out empty": (["demo", "--out", ""], 2, "--out is empty"),
+    # demo --hosts: the flags, then whether this machine can make network namespaces
+    **{f"demo --hosts {bad}": (["demo", "--hosts", bad], 2, why)
+       for bad, why in [("1", "--hosts must be >= 2"), ("0", "--hosts must be >= 1"),
+                        ("two", "--hosts must be an integer")]},
+    "demo --hosts more than ranks": (["demo", "--ranks", "2", "--hosts", "3"], 2,
+                                     "more hosts than ranks (2)"),
+    "demo --hosts with --engine vllm": (["demo", "--engine", "vllm", "--hosts", "2"], 2,
+                                        "use it with --engine cpu"),
+    "demo --hosts without iproute2": (["PATH=/nonexistent", "demo", "--hosts", "2"], 2,
+                                      "iproute2's `ip` is not installed: install it"),
+    "demo --hosts without the rights for namespaces": (
+        [NO_CAPABILITIES, "demo", "--hosts", "2"], 2,
+        "network namespaces cannot be made here (`ip netns add`: "),
     # the environment (leading NAME=value items): nothing to watch with telemetry off
     **{f"demo {engine} with telemetry off": (
         ["INSTRUMENTED_CORE_TELEMETRY=0", "demo", "--engine", engine], 2,
@@ -167,8 +184,11 @@ def test_a_bad_value_is_one_line_with_the_documented_exit_code(tmp_path, fakes, 
     while argv and "=" in argv[0] and argv[0].split("=", 1)[0].isupper():
         name, value = argv[0].split("=", 1)
         env[name], argv = value, argv[1:]
+    prefix = []
+    if argv and argv[0] == NO_CAPABILITIES:
+        prefix, argv = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"], argv[1:]
     argv = [a.format(file=afile, **fakes) for a in argv]
-    result = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=60,
+    result = subprocess.run([*prefix, *CLI, *argv], capture_output=True, text=True, timeout=60,
                             cwd=tmp_path, env=env)
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     lines = result.stderr.splitlines()
@@ -184,7 +204,7 @@ def test_the_table_covers_every_doctor_flag_and_the_checked_demo_flags():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     flags = {f for a in sub.choices["doctor"]._actions for f in a.option_strings} - {"-h",
                                                                                    "--help"}
-    flags |= {"--duration", "--hold", "--ranks", "--out"}
+    flags |= {"--duration", "--hold", "--ranks", "--out", "--hosts"}
     covered = {a.split("=", 1)[0] for argv, _, _ in CASES.values() for a in argv
                if a.startswith("--")}
     assert flags <= covered, sorted(flags - covered)

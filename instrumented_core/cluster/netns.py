@@ -55,16 +55,16 @@ def check_available(who: str = "the multi-host tests") -> None:
     """Raise :class:`LabUnavailable` (one line naming the need and the fix) unless network
     namespaces can be made here; ``who`` names what needs them in that line."""
     if shutil.which("ip") is None:
-        raise LabUnavailable(f"{who} need iproute2's `ip`, which is not installed: "
-                             "install it (apt-get install iproute2)")
+        raise LabUnavailable(f"{who}: iproute2's `ip` is not installed: install it "
+                             "(apt-get install iproute2)")
     if os.geteuid() != 0:
-        raise LabUnavailable(f"{who} make network namespaces, which needs root "
-                             "(CAP_NET_ADMIN, CAP_SYS_ADMIN): run it as root (sudo)")
+        raise LabUnavailable(f"{who}: network namespaces need root (CAP_NET_ADMIN, "
+                             "CAP_SYS_ADMIN): run it as root (sudo)")
     name = f"icchk{os.getpid()}"
     r = _ip("netns", "add", name, check=False)
     if r.returncode != 0:
         reason = " ".join(r.stderr.split()) or f"exit {r.returncode}"
-        raise LabUnavailable(f"{who} cannot make network namespaces here (`ip netns add`: "
+        raise LabUnavailable(f"{who}: network namespaces cannot be made here (`ip netns add`: "
                              f"{reason}): run as root with CAP_SYS_ADMIN and CAP_NET_ADMIN, "
                              "in a container that allows namespaces (e.g. docker run "
                              "--privileged)")
