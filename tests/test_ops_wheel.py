@@ -29,6 +29,8 @@ pytestmark = pytest.mark.prometheus
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_ONLY_MODULES = {"faults.py", "legacy_pause.py", "otlp_sink.py", "cpu_dp.py", "schedules.py"}
+#: The lab's network faults (tests/netns.py): never in the production wheel.
+LAB_FAULTS = ("partition", "heal", "cut_monitor", "restore_monitor", "slow_link", "fast_link")
 
 
 def _run(*args: str | Path, cwd: Path, env: dict | None = None,
@@ -82,6 +84,10 @@ def test_the_wheel_ships_the_bundle_and_no_test_only_code_or_plugin(venv):
     with zipfile.ZipFile(prod) as whl:  # nor the randomized schedules, under any file name
         assert not [n for n in names if n.endswith(".py")
                     and b"def run_random_schedule" in whl.read(n)]
+        # the multi-host lab's plumbing ships (demo --hosts); its fault injection does not
+        assert "instrumented_core/cluster/netns.py" in names
+        assert not [(n, fault) for n in names if n.endswith(".py") for fault in LAB_FAULTS
+                    if f"def {fault}(".encode() in whl.read(n)]
     for needed in ("rules/alerts.yml", "rules/recording.yml", "rules/alerts_test.yml",
                    "rules/reachability.yml", "rules/reachability_test.yml", "prometheus-multihost.yml",
                    "dashboards/stuck_rank.json", "dashboards/dp_pause_consensus.json",

@@ -183,10 +183,10 @@ class Lab:
 
     def rank_hosts(self, ranks: int) -> tuple[RankHost, ...]:
         """Ranks spread in blocks over the hosts (ranks 0..k-1 on the first host ...), the
-        layout of vLLM's ``--data-parallel-size-local``."""
-        per = -(-ranks // len(self.hosts))
-        return tuple(RankHost(self.hosts[r // per].netns, self.hosts[r // per].address)
-                     for r in range(ranks))
+        layout of vLLM's ``--data-parallel-size-local``; block sizes differ by at most one,
+        so with at least as many ranks as hosts every host runs one."""
+        at = [self.hosts[r * len(self.hosts) // ranks] for r in range(ranks)]
+        return tuple(RankHost(h.netns, h.address) for h in at)
 
     def exec_argv(self, netns: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", netns, *argv]
