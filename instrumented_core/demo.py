@@ -439,22 +439,31 @@ class ClusterEngine:
     def reach_lines(self) -> list[str]:
         """Where each rank runs and how to reach its endpoint while the demo runs (only from
         the monitor namespace: the lab's addresses exist nowhere else)."""
-        assert self.lab is not None
+        if self.lab is None:
+            return []
         urls = self.metrics_urls
         lines = [f"lab: {len(self.lab.hosts)} hosts on a bridge, monitor "
                  f"{self.lab.monitor_address} (netns {self.lab.monitor}); the namespaces are "
                  "removed when the demo ends"]
-        for host in self.lab.hosts:
-            ranks = [r for r, h in enumerate(self.cluster.config.hosts) if h.netns == host.netns]
-            lines.append(f"host {host.index + 1}: {host.address} (netns {host.netns}): "
-                         + ("rank " if len(ranks) == 1 else "ranks ")
-                         + ", ".join(str(r) for r in ranks))
+        for host in self.hosts():
+            lines.append(f"host {host['host']}: {host['address']} (netns {host['netns']}): "
+                         + ("rank " if len(host["ranks"]) == 1 else "ranks ")
+                         + ", ".join(str(r) for r in host["ranks"]))
         targets = ",".join(_target_of(u) for u in urls if u)
         lines.append(f"reach a rank's endpoint: ip netns exec {self.lab.monitor} curl -s "
                      f"{urls[0] if urls else 'URL'}")
         lines.append(f"ask the doctor: ip netns exec {self.lab.monitor} {PROG} doctor "
                      f"--targets {targets}")
         return lines
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """The lab's hosts (number from 1, address, namespace) and the ranks on each."""
+        if self.lab is None:
+            return []
+        placed = self.cluster.config.hosts
+        return [{"host": h.index + 1, "address": h.address, "netns": h.netns,
+                 "ranks": [r for r, rh in enumerate(placed) if rh.netns == h.netns]}
+                for h in self.lab.hosts]
 
     def run(self, story: Coroutine[Any, Any, None], budget: float) -> None:
         from instrumented_core.scenarios import bounded
@@ -498,11 +507,7 @@ class ClusterEngine:
                     self.lab.close()
 
     def summary_fields(self) -> dict[str, Any]:
-        if self.lab is None:
-            return {}
-        return {"hosts": [{"host": h.index + 1, "address": h.address,
-                           "ranks": [r for r, rh in enumerate(self.cluster.config.hosts)
-                                     if rh.netns == h.netns]} for h in self.lab.hosts]}
+        return {"hosts": self.hosts()} if self.lab is not None else {}
 
 
 def _target_of(url: str) -> str:
