@@ -410,5 +410,5 @@ def vllm_rank_series(engine) -> list[dict]:
         emit(f"scale.dp{ranks}.vllm_series_per_deployment", "series",
              value=one["total"] * ranks, series_per_rank=one["total"], ranks=ranks,
              note="the live vLLM rank's series, its worker's included, x ranks (TP 1; each "
-                  "further worker of a rank adds its vllm_dp_worker_* series)")
+                  "further worker of a rank adds 2: scale.vllm_rank_tp* rows)")
     return counts
