@@ -362,13 +362,14 @@ def series_by_tensor_parallel(quick: bool) -> None:
     """A vLLM rank's series at TP 1, 2, 4 and 8 (one worker per TP rank), measured."""
     for tp in (1, 2, 4, 8):
         c = rank_series_with_workers(tp)
+        goal = ({"goal": f"<= {MAX_RANK_SERIES} at TP 1",
+                 "goal_met": bool(c["total"] <= MAX_RANK_SERIES)} if tp == 1 else
+                {"why": "2 more per further worker (heartbeat age, position: they name the "
+                        "culprit worker); the rest of the workers' view is per rank"})
         emit(f"scale.vllm_rank_tp{tp}.series_per_rank", "series", value=c["total"],
              own_series=c["rank"], worker_series=c["worker_series"], workers=c["workers"],
              per_worker_series=2, rank_level_worker_series=c["worker_series"] - 2 * tp,
-             goal=f"<= {MAX_RANK_SERIES} at TP 1" if tp == 1 else
-                  "2 more per further worker (heartbeat age, position: they name the culprit "
-                  "worker); the rest of the workers' view is per rank",
-             goal_met=bool(c["total"] <= MAX_RANK_SERIES) if tp == 1 else None,
+             **goal,
              note="build_rank's registry (what start_rank_telemetry serves) + the plugin's "
                   "active gauge, after a pause, with tp worker records on its worker board; "
                   "text format, no _created")
