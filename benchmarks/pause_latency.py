@@ -136,7 +136,7 @@ def _hist_deltas(before, after):
         def d(name):
             return (a.get(name, 0.0) or 0.0) - (b.get(name, 0.0) or 0.0)
         out.append({"seconds": d(n.PAUSE_CONSENSUS_LATENCY + "_sum"),
-                    "steps": d(n.PAUSE_CONSENSUS_STEPS + "_sum"),
+                    "steps": d(n.PAUSE_CONSENSUS_STEPS_TOTAL),
                     "count": d(n.PAUSE_CONSENSUS_LATENCY + "_count"),
                     "rounds": d(n.SYNC_WAIT_COUNT)})
     return out

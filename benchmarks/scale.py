@@ -174,6 +174,8 @@ def spans_per_pause(quick: bool) -> None:
 def run(quick: bool) -> None:
     log("scale: series of a live CPU-cluster rank; sync-wait and consensus distributions")
     live_series(quick)
+    log("scale: a vLLM rank's series at TP 1, 2, 4, 8")
+    series_by_tensor_parallel(quick)
     log("scale: exposition bytes at 8, 64, 256 ranks")
     series_and_bytes(quick)
     log("scale: doctor time over loopback HTTP")
@@ -289,17 +291,88 @@ def live_cluster_rank(quick: bool, ranks: int = 2) -> dict:
     return out
 
 
+#: Issue 13's goal: a whole rank, its workers' series included, with one worker (a vLLM rank
+#: at TP 1; the CPU cluster's ranks have one worker too).
+MAX_RANK_SERIES = 60
+
+
 def _emit_rank_series(prefix: str, counts: list[dict], note: str) -> None:
-    """The rank's own series (the goal: at most 60, as issue 13 counts them: no worker) and,
-    beside them, what the endpoint serves with its workers' series."""
+    """What a whole rank's endpoint serves (the goal: at most 60 with one worker), split into
+    the rank's own series and its workers' (``vllm_dp_worker_*``)."""
     one = max(counts, key=lambda c: c["total"])
-    per_worker = one["worker_series"] / one["workers"] if one["workers"] else 0
-    emit(f"{prefix}.series_per_rank", "series", value=one["rank"],
-         endpoint_series_with_workers=one["total"], worker_series=one["worker_series"],
-         workers=one["workers"], series_per_worker=per_worker, created_series=one["created"],
-         bucket_series=one["buckets"], all_ranks_endpoint=[c["total"] for c in counts],
-         goal="<= 60 series of the rank's own (vllm_dp_* but vllm_dp_worker_*)",
-         goal_met=bool(max(c["rank"] for c in counts) <= 60), note=note)
+    emit(f"{prefix}.series_per_rank", "series", value=one["total"],
+         own_series=one["rank"], worker_series=one["worker_series"], workers=one["workers"],
+         created_series=one["created"], bucket_series=one["buckets"],
+         all_ranks_endpoint=[c["total"] for c in counts],
+         goal=f"<= {MAX_RANK_SERIES} series for a whole rank with one worker (vLLM TP 1), "
+              "its vllm_dp_worker_* included",
+         goal_met=bool(one["workers"] <= 1 and one["total"] <= MAX_RANK_SERIES), note=note)
+
+
+def rank_series_with_workers(workers: int) -> dict:
+    """``count_series`` of one rank's ``/metrics`` body as ``start_rank_telemetry`` builds it
+    (``build_rank`` + the plugin's active gauge, after a pause to consensus and back) with
+    ``workers`` records on its worker board: a vLLM rank at TP = ``workers``. The records are
+    what each worker's ``BoardWriter`` leaves (its parent: this process), in a temporary board
+    directory."""
+    import os
+    import shutil
+    import tempfile
+
+    from prometheus_client import generate_latest
+
+    from instrumented_core.protocol import Phase, SyncResult
+    from instrumented_core.telemetry import names as n
+    from instrumented_core.telemetry import worker_board as wb
+    from instrumented_core.telemetry.metrics import plugin_active
+    from instrumented_core.telemetry.rank import build_rank
+
+    directory = tempfile.mkdtemp(prefix="bench-board-")
+    saved = os.environ.get(wb.ENV_BOARD_DIR)
+    os.environ[wb.ENV_BOARD_DIR] = directory
+    try:
+        registry, _, probe = build_rank(0, 2, "m", {"dp_size": "2", "protocol": "two-phase"},
+                                        None)
+        plugin_active(registry, {n.LABEL_ENGINE: "0", n.LABEL_MODEL_NAME: "m"}, True, "ok",
+                      "bench")
+        probe.sync_end(SyncResult(True, 0, 2), 0.0004)
+        probe.pause_requested("keep")
+        probe.phase_changed(Phase.RUNNING, Phase.PENDING_PAUSE)
+        probe.sync_end(SyncResult(False, 2, 2), 0.002)
+        probe.phase_changed(Phase.PENDING_PAUSE, Phase.PAUSED)
+        probe.phase_changed(Phase.PAUSED, Phase.RUNNING)
+        now = time.time()
+        for w in range(workers):
+            raw = bytearray(wb.SIZE)
+            wb._RECORD.pack_into(raw, 0, 0, 2**22 + w, os.getpid(), w,
+                                 wb.CALL_CODES["execute_model"], now, 1, 0.01,
+                                 wb.COLLECTIVE_CODES["all_gatherv"], now, 1, 0.001, now)
+            with open(os.path.join(directory, f"w-{2**22 + w}"), "wb") as f:
+                f.write(raw)
+        return count_series(generate_latest(registry).decode())
+    finally:
+        if saved is None:
+            os.environ.pop(wb.ENV_BOARD_DIR, None)
+        else:
+            os.environ[wb.ENV_BOARD_DIR] = saved
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def series_by_tensor_parallel(quick: bool) -> None:
+    """A vLLM rank's series at TP 1, 2, 4 and 8 (one worker per TP rank), measured."""
+    for tp in (1, 2, 4, 8):
+        c = rank_series_with_workers(tp)
+        goal = ({"goal": f"<= {MAX_RANK_SERIES} at TP 1",
+                 "goal_met": bool(c["total"] <= MAX_RANK_SERIES)} if tp == 1 else
+                {"why": "2 more per further worker (heartbeat age, position: they name the "
+                        "culprit worker); the rest of the workers' view is per rank"})
+        emit(f"scale.vllm_rank_tp{tp}.series_per_rank", "series", value=c["total"],
+             own_series=c["rank"], worker_series=c["worker_series"], workers=c["workers"],
+             per_worker_series=2, rank_level_worker_series=c["worker_series"] - 2 * tp,
+             **goal,
+             note="build_rank's registry (what start_rank_telemetry serves) + the plugin's "
+                  "active gauge, after a pause, with tp worker records on its worker board; "
+                  "text format, no _created")
 
 
 def live_series(quick: bool) -> None:
@@ -338,5 +411,5 @@ def vllm_rank_series(engine) -> list[dict]:
         emit(f"scale.dp{ranks}.vllm_series_per_deployment", "series",
              value=one["total"] * ranks, series_per_rank=one["total"], ranks=ranks,
              note="the live vLLM rank's series, its worker's included, x ranks (TP 1; each "
-                  "further worker of a rank adds its vllm_dp_worker_* series)")
+                  "further worker of a rank adds 2: scale.vllm_rank_tp* rows)")
     return counts

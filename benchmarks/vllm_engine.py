@@ -41,14 +41,20 @@ def _round_seconds_per_step(engine, max_tokens: int, what: str) -> float:
     return seconds
 
 
-def _counts(engine) -> dict[str, list[float]]:
-    """Per rank: engine steps, and its workers' completed calls and model collectives."""
+def _counts(engine, cores: set[int]) -> dict[str, list[float]]:
+    """Per rank: engine steps and its workers' model collectives (from the ranks' /metrics),
+    and the engine-to-worker calls all workers completed (from the worker board: the rank's
+    endpoint does not serve them)."""
     from instrumented_core.telemetry import names as n
+    from instrumented_core.telemetry.worker_board import read_board
 
     samples = engine.scrape_all()
-    return {key: [s.sum(name) for s in samples]
-            for key, name in (("steps", n.STEPS_TOTAL), ("calls", n.WORKER_CALLS_TOTAL),
-                              ("collectives", n.WORKER_MODEL_COLLECTIVES_TOTAL))}
+    counts = {key: [s.sum(name) for s in samples]
+              for key, name in (("steps", n.STEPS_TOTAL),
+                                ("collectives", n.WORKER_MODEL_COLLECTIVES_TOTAL))}
+    counts["calls"] = [float(sum(p.calls for pid in cores
+                                 for p in read_board(owner_pid=pid, collect_garbage=False)))]
+    return counts
 
 
 def _engine_cores(exclude: set[int]) -> set[int]:
@@ -89,14 +95,14 @@ def _measure(rounds: int, max_tokens: int) -> dict:
         records = {key: _board_records(pids) for key, pids in cores.items()}
         log(f"vllm: worker board records: off {records['off']}, on {records['on']} "
             f"(engine cores off {sorted(cores['off'])}, on {sorted(cores['on'])})")
-        before = _counts(on)
+        before = _counts(on, cores["on"])
         runs: dict[str, list[float]] = {"off": [], "on": []}
         for i in range(rounds):
             order = ("off", "on") if i % 2 == 0 else ("on", "off")
             for key in order:
                 runs[key].append(_round_seconds_per_step(engines[key], max_tokens,
                                                          f"round {i} ({key})"))
-        after = _counts(on)
+        after = _counts(on, cores["on"])
         from benchmarks.scale import vllm_rank_series
 
         vllm_rank_series(on)  # series per rank, read from the live engine cores' /metrics

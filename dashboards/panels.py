@@ -217,14 +217,15 @@ def pause_consensus() -> db.Dashboard:
              f"and on () ({count})", "p99", "B").exemplar(True),
            w=8)
     )
-    steps = n.PAUSE_CONSENSUS_STEPS
+    # steps summed over pauses, over the pauses the latency histogram counted
+    steps, pauses = n.PAUSE_CONSENSUS_STEPS_TOTAL, n.PAUSE_CONSENSUS_LATENCY_COUNT
     d = d.with_panel(
         ts("Pause request -> consensus (steps, mean per rank)",
            "From a rank's pause request to all-rank consensus, in steps, averaged over the "
            "pauses in the window (at most about one sync interval when all ranks request "
            "together). Empty when no pause reached consensus in the window.", "none",
-           q(f"sum by ({n.LABEL_ENGINE}) (rate({steps}_sum{{{RANKS}}}[{RATE}])) / "
-             f"(sum by ({n.LABEL_ENGINE}) (rate({steps}_count{{{RANKS}}}[{RATE}])) > 0)",
+           q(f"sum by ({n.LABEL_ENGINE}) (rate({steps}{{{RANKS}}}[{RATE}])) / "
+             f"(sum by ({n.LABEL_ENGINE}) (rate({pauses}{{{RANKS}}}[{RATE}])) > 0)",
              "engine {{engine}}", "A"),
            w=8)
     )
@@ -233,8 +234,8 @@ def pause_consensus() -> db.Dashboard:
            "Mean steps a rank takes between its pause request and consensus (the dummy steps "
            "the two-phase pause costs; at most about one sync interval when all ranks request "
            "together), and dummy steps per second per rank.", "none",
-           q(f"sum(rate({n.PAUSE_CONSENSUS_STEPS}_sum{{{RANKS}}}[{RATE}])) / "
-             f"(sum(rate({n.PAUSE_CONSENSUS_STEPS}_count{{{RANKS}}}[{RATE}])) > 0)",
+           q(f"sum(rate({steps}{{{RANKS}}}[{RATE}])) / "
+             f"(sum(rate({pauses}{{{RANKS}}}[{RATE}])) > 0)",
              "steps per pause", "A"),
            q(f"sum by ({n.LABEL_ENGINE}) (rate({n.STEPS}_total{{{RANKS}, {n.LABEL_KIND}=\"dummy\"}}[{RATE}]))",
              "dummy steps/s engine {{engine}}", "B"),
@@ -364,11 +365,11 @@ def stuck_rank() -> db.Dashboard:
         .links([runbook_link("VllmDpRankWedged")])
     )
     d = d.with_panel(
-        ts("Seconds inside a model collective per rank (longest worker)",
-           "How long the rank's workers have been inside the current DP/EP collective of the "
-           "forward (MoE dispatch / combine, DP batch coordination), the longest of its "
-           "workers; 0 when none is inside. Peers climbing while one rank stays at 0 inside "
-           "a step: that rank never reached the collective (the culprit).", "s",
+        ts("Seconds inside a model collective per rank (all its workers)",
+           "How long all the rank's workers have been inside a DP/EP collective of the "
+           "forward (MoE dispatch / combine, DP batch coordination), since the latest of them "
+           "entered; 0 when any of them is not inside one. Peers climbing while one rank stays "
+           "at 0 inside a step: that rank never reached the collective (the culprit).", "s",
            q(f"max by ({n.LABEL_ENGINE}) ({n.WORKER_MODEL_COLLECTIVE_INSIDE}{{{RANKS}}})",
              "engine {{engine}}"))
         .links([runbook_link("VllmDpRankWedged")])

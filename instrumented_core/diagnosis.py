@@ -149,10 +149,11 @@ class WorkerNow:
 
 
 def worker_fields(workers: list[WorkerNow]) -> dict:
-    """The ``RankView`` fields of a rank's workers (none: no fields), one rule for the doctor
-    and the CPU cluster's own hang report: the call of the worker inside one longest, the
-    oldest heartbeat, the lowest sequence number, and a model collective only when every
-    worker is inside one (the shortest time among them)."""
+    """The ``RankView`` fields of a rank's workers (none: no fields), one rule for the rank's
+    endpoint (``WorkerBoardCollector`` serves the model-collective fields once per rank, and
+    the doctor reads them back) and the CPU cluster's own hang report: the call of the worker
+    inside one longest, the oldest heartbeat, the lowest sequence number, and a model
+    collective only when every worker is inside one (the shortest time among them)."""
     if not workers:
         return {}
     longest = max(workers, key=lambda w: w.call_seconds)

@@ -27,7 +27,7 @@ from typing import TypeGuard
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from instrumented_core.diagnosis import RankView, WorkerNow, worker_fields
+from instrumented_core.diagnosis import RankView
 from instrumented_core.telemetry import names as n
 
 PHASE_NAMES = {code: name for name, code in n.PHASE_CODES.items()}
@@ -42,7 +42,7 @@ _WAITED[n.COLLECTIVE_SYNC] = (n.SYNC_WAIT_SUM, {})
 DIAGNOSIS_SERIES = frozenset({
     n.PHASE, n.ENGINES_RUNNING, n.STEPS_UNTIL_SYNC, n.DP_SIZE, n.COLLECTIVE_INSIDE,
     n.LAST_PROGRESS, n.COLLECTIVE_WAIT_TOTAL, n.REQUESTS_RUNNING, n.REQUESTS_WAITING,
-    n.WORKER_CALL_INSIDE, n.WORKER_MODEL_COLLECTIVE_INSIDE, n.WORKER_HEARTBEAT_AGE,
+    n.WORKER_MODEL_COLLECTIVE_INSIDE, n.WORKER_HEARTBEAT_AGE,
     n.WORKER_MODEL_COLLECTIVES_TOTAL, n.WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL,
     n.WORKER_POSITION_INFO, n.PAUSE_PENDING_SINCE, n.SYNC_WAIT_COUNT, n.SYNC_WAIT_SUM, n.INFO_SERIES,
     n.PLUGIN_ACTIVE,
@@ -447,43 +447,49 @@ def _pending_fields(sample: RankSample, phase: str, previous: RankSample | None)
 
 
 def _worker_fields(sample: RankSample, previous: RankSample | None) -> dict:
-    """The rank's workers, from the worker-board series of its endpoint (none: no fields)."""
-    call_inside = {w: _num(v) for w, v in
-                   sample.by_label(n.WORKER_CALL_INSIDE, n.LABEL_WORKER).items()}
-    if not call_inside:
-        return {}
-    coll_inside = sample.by_label(n.WORKER_MODEL_COLLECTIVE_INSIDE, n.LABEL_WORKER)
-    seqs = sample.by_label(n.WORKER_MODEL_COLLECTIVES_TOTAL, n.LABEL_WORKER)
+    """The rank's workers, from the worker-board series of its endpoint (none: no fields).
+
+    Per worker it serves only the heartbeat age and the position; the model-collective
+    series are already the rank's (over its workers, as ``diagnosis.worker_fields`` takes
+    them), and how long the workers have been inside their call is how long their engine
+    has been inside ``step`` or ``collective_rpc``."""
     heartbeat = sample.by_label(n.WORKER_HEARTBEAT_AGE, n.LABEL_WORKER)
+    if not heartbeat:
+        return {}
     position = sample.labels_of(n.WORKER_POSITION_INFO, n.LABEL_WORKER)
-    workers = sorted(call_inside)
+    workers = sorted(heartbeat)
 
-    def named(w: str, label: str) -> str:
-        value = position.get(w, {}).get(label, "none")
-        return "" if value == "none" else value
+    def named(label: str) -> list[str]:
+        found = (position.get(w, {}).get(label, "none") for w in workers)
+        return [v for v in found if v != "none"]
 
-    fields = worker_fields([WorkerNow(
-        call=named(w, n.LABEL_CALL), call_seconds=call_inside[w],
+    calls = named(n.LABEL_CALL)
+    call_seconds = max((_num(sample.get(n.COLLECTIVE_INSIDE, 0.0, collective=c))
+                        for c in n.ENGINE_TO_WORKER_CALLS), default=0.0)
+    inside = _num(sample.get(n.WORKER_MODEL_COLLECTIVE_INSIDE, 0.0))
+    seq = sample.get(n.WORKER_MODEL_COLLECTIVES_TOTAL)
+    fields: dict = {
+        "workers": len(workers),
+        "worker_call": calls[0] if calls and call_seconds > 0 else None,
+        "worker_call_seconds": call_seconds if calls else 0.0,
+        "worker_heartbeat_age": max(_num(v) for v in heartbeat.values()),
+        "model_collective_seq": int(_num(seq)) if seq is not None else 0,
+    }
+    if inside > 0:
         # inside with no position info (a scrape cut short): still inside, name unknown
-        collective=named(w, n.LABEL_COLLECTIVE) or ("?" if coll_inside.get(w, 0.0) > 0 else ""),
-        collective_seconds=coll_inside.get(w, 0.0), seq=int(seqs.get(w, 0.0)),
-        heartbeat_age=heartbeat.get(w, 0.0)) for w in workers])
+        fields["model_collective"] = (named(n.LABEL_COLLECTIVE) or ["?"])[0]
+        fields["model_collective_seconds"] = inside
     if previous is not None:
-        before_seqs = previous.by_label(n.WORKER_MODEL_COLLECTIVES_TOTAL, n.LABEL_WORKER)
-        if before_seqs:
-            fields["model_collectives_advanced"] = int(min(
-                seqs.get(w, 0.0) - before_seqs.get(w, 0.0) for w in workers))
+        before_seq = previous.get(n.WORKER_MODEL_COLLECTIVES_TOTAL)
+        if before_seq is not None and seq is not None:
+            fields["model_collectives_advanced"] = int(_num(seq) - _num(before_seq))
         elapsed = sample.fetched_at - previous.fetched_at
         name = n.WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL
-        now, before = sample.by_label(name, n.LABEL_WORKER), previous.by_label(name, n.LABEL_WORKER)
-        if elapsed > 0 and before:
-            shares = []
-            for w in workers:
-                waited = now.get(w, 0.0) - before.get(w, 0.0)
-                # waiting right now has not been banked yet
-                waited += min(coll_inside.get(w, 0.0), elapsed)
-                shares.append(max(0.0, min(1.0, waited / elapsed)))
-            fields["model_wait_fraction"] = max(shares)
+        now, before = sample.get(name), previous.get(name)
+        if elapsed > 0 and now is not None and before is not None:
+            # waiting right now has not been banked yet
+            waited = _num(now) - _num(before) + min(inside, elapsed)
+            fields["model_wait_fraction"] = max(0.0, min(1.0, waited / elapsed))
     return fields
 
 

@@ -58,7 +58,7 @@ def test_filtered_scrape_equals_the_full_scrape_on_the_doctors_series(tmp_path, 
             # every series is exported (plugin_active: by the vLLM plugin, not RankMetrics)
             assert {k[0] for k in wanted} == DIAGNOSIS_SERIES - {n.PLUGIN_ACTIVE}
             # inside-seconds grows between the two scrapes; everything else is frozen
-            grows = {n.COLLECTIVE_INSIDE, n.WORKER_CALL_INSIDE, n.WORKER_MODEL_COLLECTIVE_INSIDE,
+            grows = {n.COLLECTIVE_INSIDE, n.WORKER_MODEL_COLLECTIVE_INSIDE,
                      n.WORKER_HEARTBEAT_AGE}
             assert {k: v for k, v in part.values.items() if k[0] not in grows} == \
                 {k: v for k, v in wanted.items() if k[0] not in grows}

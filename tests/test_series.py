@@ -1,4 +1,5 @@
-"""What a rank exposes: the series budget, no ``_created``, and both exposition formats.
+"""What a rank exposes: the series budget (a whole rank with one worker, its workers' series
+included: a vLLM rank at TP 1), no ``_created``, and both exposition formats.
 
 A rank's own endpoint (``MetricsServer`` over loopback, the registry ``start_rank_telemetry``
 builds) answers a scraper that does not negotiate with the plain text format, without
@@ -18,20 +19,19 @@ from prometheus_client import enable_created_metrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from benchmarks.scale import count_series
+from benchmarks.scale import MAX_RANK_SERIES, count_series, rank_series_with_workers
 from instrumented_core.protocol import Phase, SyncResult
 from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.metrics import plugin_active
 from instrumented_core.telemetry.rank import build_rank
 from instrumented_core.telemetry.server import MetricsServer
+from instrumented_core.telemetry.worker_board import ENV_BOARD_DIR, BoardWriter
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 #: What Prometheus 2.42 sends (scrape.go ``scrapeAcceptHeader``).
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
                      "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 LABELS = {n.LABEL_ENGINE: "0", n.LABEL_MODEL_NAME: "m"}
-#: Issue 13: a rank's own series (its workers' vllm_dp_worker_* come on top, 8 per worker).
-MAX_RANK_SERIES = 60
 
 
 def rank(tracing: bool = True):
@@ -61,24 +61,43 @@ def get(url: str, accept: str | None) -> tuple[str, str]:
 
 
 @pytest.fixture
-def served():
+def served(tmp_path, monkeypatch):
+    """The rank's endpoint with one worker on its board (this process: a worker that runs
+    inside the engine core; a vLLM TP 1 rank's worker is its child, read the same way)."""
+    monkeypatch.setenv(ENV_BOARD_DIR, str(tmp_path))
+    worker = BoardWriter(0)
     registry, exporter = rank()
     server = MetricsServer(registry, "127.0.0.1", 0, 0)
     try:
         yield server, exporter
     finally:
         server.close()
+        worker.close()
 
 
-def test_a_rank_exposes_at_most_60_series_and_no_created(served):
+def test_a_whole_rank_with_one_worker_exposes_at_most_60_series_and_no_created(served):
     server, _ = served
     _, body = get(server.url, None)
     counted = count_series(body)
+    assert counted["workers"] == 1, counted
+    assert counted["worker_series"] == len(n.WORKER_PER_WORKER_SERIES + n.WORKER_RANK_SERIES)
     assert counted["created"] == 0, [f for f in counted["families"] if f.endswith("_created")]
     assert counted["total"] <= MAX_RANK_SERIES, counted["families"]
     exposed = {name for name in counted["families"]}
     assert exposed <= n.exposed_series_names() | {n.PLUGIN_ACTIVE}, \
         exposed - n.exposed_series_names()
+
+
+def test_each_further_worker_adds_only_the_two_series_that_name_it():
+    """TP 2/4/8: heartbeat age and position per worker (which worker is frozen, where each
+    is); the model-collective view is one set per rank. Measured on build_rank's registry with
+    that many worker records."""
+    counts = {tp: rank_series_with_workers(tp) for tp in (1, 2, 4, 8)}
+    assert counts[1]["total"] <= MAX_RANK_SERIES, counts[1]["families"]
+    for tp, c in counts.items():
+        assert c["workers"] == tp
+        assert c["rank"] == counts[1]["rank"]  # the rank's own series do not change
+        assert c["worker_series"] == 2 * tp + len(n.WORKER_RANK_SERIES), c["families"]
 
 
 def test_created_stays_off_even_when_another_library_turns_the_global_switch_on():

@@ -157,6 +157,20 @@ async def _healthy_again(engine) -> None:
 IDLE_HOLD = 30.0  # past the wedge alerts' 10 s threshold + for: 15s, and the doctor's 2 s
 
 
+def test_a_whole_vllm_rank_at_tp_1_serves_at_most_60_series_its_worker_included(engine):
+    """Issue 13's budget on the real engine cores' endpoints (TP 1: one worker each), after
+    traffic: the rank's own series plus its worker's, counted as served."""
+    from benchmarks.scale import MAX_RANK_SERIES, count_series, fetch_text
+
+    for url in engine.metrics_urls:
+        counted = count_series(fetch_text(url))
+        assert counted["workers"] == 1, (url, counted)
+        assert counted["worker_series"] == len(n.WORKER_PER_WORKER_SERIES +
+                                               n.WORKER_RANK_SERIES), counted["families"]
+        assert counted["created"] == 0 and counted["total"] <= MAX_RANK_SERIES, \
+            (url, counted["total"], counted["families"])
+
+
 def test_an_idle_engine_held_past_every_threshold_is_healthy_idle_and_fires_nothing(
         engine, prom, cpu_verdicts):
     from tests.vllm_helpers import doctor_until

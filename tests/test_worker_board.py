@@ -111,25 +111,71 @@ def test_records_of_dead_workers_whose_engine_is_gone_are_garbage_collected(boar
 def test_the_engine_endpoint_exposes_each_worker_from_a_fresh_registry():
     registry = CollectorRegistry()
     registry.register(WorkerBoardCollector(LABELS))
-    assert registry.get_sample_value(n.WORKER_CALL_INSIDE, {**LABELS, "worker": "0"}) is None
+    assert registry.get_sample_value(n.WORKER_HEARTBEAT_AGE, {**LABELS, "worker": "0"}) is None
     w = wb.BoardWriter(0)
     try:
         w.call_enter(wb.CALL_CODES["execute_model"])
         w.collective_enter(wb.COLLECTIVE_CODES["reduce_scatterv"])
         labels = {**LABELS, "worker": "0"}
-        assert registry.get_sample_value(n.WORKER_CALL_INSIDE, labels) >= 0
-        assert registry.get_sample_value(n.WORKER_MODEL_COLLECTIVES_TOTAL, labels) == 1
+        # per worker: what names it (frozen? where?); per rank: the model collective
         assert registry.get_sample_value(n.WORKER_HEARTBEAT_AGE, labels) < 60
         assert registry.get_sample_value(n.WORKER_POSITION_INFO, {
             **labels, "call": "execute_model", "collective": "reduce_scatterv"}) == 1
+        assert registry.get_sample_value(n.WORKER_MODEL_COLLECTIVES_TOTAL, LABELS) == 1
+        assert registry.get_sample_value(n.WORKER_MODEL_COLLECTIVE_INSIDE, LABELS) >= 0
         w.collective_exit()
         w.call_exit()
-        assert registry.get_sample_value(n.WORKER_MODEL_COLLECTIVE_INSIDE, labels) == 0
-        assert registry.get_sample_value(n.WORKER_CALLS_TOTAL, labels) == 1
+        assert registry.get_sample_value(n.WORKER_MODEL_COLLECTIVE_INSIDE, LABELS) == 0
+        assert registry.get_sample_value(n.WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL, LABELS) >= 0
         assert registry.get_sample_value(n.WORKER_POSITION_INFO, {
             **labels, "call": "none", "collective": "none"}) == 1
     finally:
         w.close()
+
+
+def test_a_rank_with_n_workers_serves_two_per_worker_and_three_for_the_rank():
+    """Per worker only what names the culprit worker (heartbeat age, position); the model
+    collective is the rank's, as the doctor reads it: inside only while ALL its workers are
+    (since the latest entered), the lowest sequence number, the most-waiting worker's seconds."""
+    registry = CollectorRegistry()
+    registry.register(WorkerBoardCollector(LABELS))
+    now, directory = time.time(), wb.board_dir()
+    try:
+        # four workers of this rank (records as their writers leave them; their parent: this
+        # process): three in all_gatherv, worker 2 in no collective
+        records = []
+        for w in range(4):
+            raw = bytearray(wb.SIZE)
+            code = 0 if w == 2 else wb.COLLECTIVE_CODES["all_gatherv"]
+            wb._RECORD.pack_into(raw, 0, 0, os.getpid() + 100_000 + w, os.getpid(), w,
+                                 wb.CALL_CODES["execute_model"], now - 5, 3, 1.0,
+                                 code, now - 4 + w if code else 0.0, 10 + w, 2.0 + w, now)
+            records.append(bytes(raw))
+        for w, raw in enumerate(records):
+            with open(os.path.join(directory, f"w-rec{w}"), "wb") as f:
+                f.write(raw)
+        samples = [s for m in registry.collect() for s in m.samples]
+        per_worker = [s for s in samples if n.LABEL_WORKER in s.labels]
+        assert sorted(s.name for s in per_worker) == sorted(
+            [n.WORKER_HEARTBEAT_AGE] * 4 + [n.WORKER_POSITION_INFO] * 4)
+        assert sorted(s.name for s in samples if s not in per_worker) == sorted(
+            n.WORKER_RANK_SERIES)
+        assert registry.get_sample_value(n.WORKER_MODEL_COLLECTIVE_INSIDE, LABELS) == 0
+        assert registry.get_sample_value(n.WORKER_MODEL_COLLECTIVES_TOTAL, LABELS) == 10
+        assert registry.get_sample_value(n.WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL, LABELS) == 5.0
+        # worker 2 enters too: the rank is inside, since the latest of them (worker 3) entered
+        for w in range(4):
+            raw = bytearray(records[w])
+            wb._COLL_ENTER.pack_into(raw, wb._COLL_AT, wb.COLLECTIVE_CODES["all_gatherv"],
+                                     now - 4 + w, 10 + w)
+            with open(os.path.join(directory, f"w-rec{w}"), "wb") as f:
+                f.write(bytes(raw))
+        inside = registry.get_sample_value(n.WORKER_MODEL_COLLECTIVE_INSIDE, LABELS)
+        assert 0 < inside < 2, inside  # worker 3 entered at now - 1
+    finally:
+        for w in range(4):  # records of this process's "workers": read_board keeps them
+            if os.path.exists(os.path.join(directory, f"w-rec{w}")):
+                os.unlink(os.path.join(directory, f"w-rec{w}"))
 
 
 def test_every_exposed_worker_series_is_a_known_name():

@@ -24,7 +24,6 @@ from instrumented_core.cluster.config import ClusterConfig
 from instrumented_core.cluster.coordinator import coordinator_main
 from instrumented_core.cluster.rank import rank_main
 from instrumented_core.cluster.status import FIELDS, StatusBoard
-from instrumented_core.cluster.worker import worker_now
 from instrumented_core.diagnosis import RankView, Verdict, diagnose, worker_fields
 from instrumented_core.protocol import check_pause_mode
 from instrumented_core.stopping import spawn_target
@@ -384,7 +383,7 @@ class Cluster:
         views = []
         for r in range(self.config.ranks):
             s = self.board.read(r, alive[r])
-            workers = (worker_fields([worker_now(p) for p in read_board(self.pids[r])])
+            workers = (worker_fields([p.read_at(time.time()) for p in read_board(self.pids[r])])
                        if alive[r] and self.pids[r] else {})
             views.append(RankView(rank=r, reachable=alive[r], phase=s.phase,
                                   collective=s.collective, inside_seconds=s.inside_seconds,

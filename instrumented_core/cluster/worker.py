@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from instrumented_core.diagnosis import WorkerNow
 from instrumented_core.telemetry.worker_board import (
     CALL_CODES,
     COLLECTIVE_CODES,
@@ -45,7 +44,7 @@ from instrumented_core.telemetry.worker_board import (
     BoardWriter,
 )
 
-__all__ = ["WORKER_FAULTS", "RankWorker", "open_board", "worker_now"]
+__all__ = ["WORKER_FAULTS", "RankWorker", "open_board"]
 
 WORKER_FAULTS = ("worker_stall", "worker_slow", "wedge", "freeze")
 _FOREVER_TICK = 0.05
@@ -202,12 +201,3 @@ class RankWorker:
             return int(tensor.item())
         finally:
             board.call_exit()
-
-
-def worker_now(position: Any, now: float | None = None) -> WorkerNow:
-    """A worker-board record as the diagnosis reads a worker (``diagnosis.worker_fields``)."""
-    now = time.time() if now is None else now
-    return WorkerNow(call=position.call, call_seconds=position.call_inside(now),
-                     collective=position.collective,
-                     collective_seconds=position.collective_inside(now),
-                     seq=position.collectives, heartbeat_age=position.heartbeat_age(now))

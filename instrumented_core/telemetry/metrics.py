@@ -5,17 +5,24 @@ ranks are separate processes with separate lifetimes, a hung rank must not take 
 endpoint down, and per-rank targets let Prometheus' ``up`` name a dead rank. Label children
 are bound once here, so the hot path is one ``inc()``/``set()`` on a pre-bound child.
 
-A rank exposes at most 60 series of its own (issue 13; ``python -m benchmarks --only scale``
-measures it on a live rank): no ``_created`` series (``RankRegistry``), histogram buckets
-chosen from measured latencies, and nothing PromQL can derive from another series:
+A whole rank serves at most 60 series with one worker (issue 13: a vLLM rank at TP 1; ``python
+-m benchmarks --only scale`` measures it on a live rank, ``tests/test_series.py`` on
+``build_rank``'s registry): no ``_created`` series (``RankRegistry``), histogram buckets chosen
+from measured latencies, trouble counters (spans dropped, requests rejected, telemetry errors)
+only once there is trouble, per-worker series only where they name the culprit worker
+(``WorkerBoardCollector``), and nothing PromQL can derive from another series:
   seconds in the sync all-reduce now: vllm_dp_collective_inside_seconds{collective="sync_dp_state"}
   when it entered: timestamp(vllm_dp_collective_inside_seconds) - vllm_dp_collective_inside_seconds
   sync rounds completed: vllm_dp_sync_wait_seconds_count (a round is one observation)
   seconds inside sync rounds: vllm_dp_sync_wait_seconds_sum
   round skew: max by (model_name) (vllm_dp_sync_wait_seconds_count) - min by (model_name) (...)
   dummy share: rate(vllm_dp_steps_total{kind="dummy"}[1m]) / sum without(kind) (rate(...))
-  mean steps to consensus: rate(vllm_dp_pause_consensus_steps_sum[5m])
-                           / rate(vllm_dp_pause_consensus_steps_count[5m])
+  mean steps to consensus: rate(vllm_dp_pause_consensus_steps_total[5m])
+                           / rate(vllm_dp_pause_consensus_latency_seconds_count[5m])
+  a paused rank dropping START_DP_WAVE: vllm_dp_pause_phase == 2 and on (...)
+                                        vllm_dp_info{protocol="two-phase"}
+  how long a worker has been inside its engine's call: the engine's
+                           vllm_dp_collective_inside_seconds{collective=~"step|collective_rpc"}
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from instrumented_core.diagnosis import worker_fields
 from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.worker_board import read_board
 
@@ -103,9 +111,6 @@ class RankMetrics:
 
         self.phase = gauge(n.PHASE, "Pause phase of this DP rank: 0 running, 1 pending_pause "
                            "(waiting for all-reduce consensus), 2 paused.").labels(**labels)
-        self.ignore_start_dp_wave = gauge(
-            n.IGNORE_START_DP_WAVE, "1 while this rank drops START_DP_WAVE (paused after "
-            "consensus), else 0.").labels(**labels)
         self.engines_running = gauge(n.ENGINES_RUNNING, "1 while this rank's busy loop is "
                                      "stepping (real or dummy steps), 0 when idle.").labels(**labels)
         self.current_wave = gauge(n.CURRENT_WAVE, "Current DP request wave number of this "
@@ -128,9 +133,6 @@ class RankMetrics:
             n.REQUESTS_WAITING, "Requests (count) waiting in this rank's scheduler now (read at "
             "scrape time).").labels(**labels)
 
-        self.sync_rounds_extra = counter(
-            n.SYNC_ROUNDS_EXTRA, "sync_dp_state rounds (count) run only because the adaptive "
-            "cadence was syncing every step (the extra all-reduces it pays).").labels(**labels)
         pause_requests = counter(n.PAUSE_REQUESTS, "Pause requests (count) received, by mode.",
                                  (n.LABEL_MODE,))
         self.pause_requests = {m: pause_requests.labels(**labels, mode=m) for m in n.PAUSE_MODES}
@@ -140,14 +142,12 @@ class RankMetrics:
         waves = counter(n.START_DP_WAVE, "START_DP_WAVE messages (count) by outcome: acted, "
                         "ignored (paused), stale, excluded.", (n.LABEL_OUTCOME,))
         self.start_dp_wave = {o: waves.labels(**labels, outcome=o) for o in n.WAVE_OUTCOMES}
-        rejected = counter(n.REQUESTS_REJECTED, "New requests (count) this rank rejected "
-                           "instead of queueing, by reason (engine_paused: paused by "
-                           "pause_generation, vLLM 0.33+).", (n.LABEL_REASON,))
-        self.requests_rejected = {r: rejected.labels(**labels, reason=r)
-                                  for r in n.REJECT_REASONS}
-        dropped = counter(n.TELEMETRY_DROPPED, "Telemetry items (count) dropped instead of "
-                          "blocking the engine, by signal.", (n.LABEL_SIGNAL,))
-        self.dropped = {s: dropped.labels(**labels, signal=s) for s in n.SIGNALS}
+        # Trouble counters: a child appears on its first event (a healthy rank serves none)
+        self._rejected = counter(n.REQUESTS_REJECTED, "New requests (count) this rank rejected "
+                                 "instead of queueing, by reason (engine_paused: paused by "
+                                 "pause_generation, vLLM 0.33+).", (n.LABEL_REASON,))
+        self._dropped = counter(n.TELEMETRY_DROPPED, "Telemetry items (count) dropped instead "
+                                "of blocking the engine, by signal.", (n.LABEL_SIGNAL,))
         self._errors = counter(n.TELEMETRY_ERRORS, "Exceptions (count) inside telemetry itself, "
                                "logged and swallowed (never raised into the engine), by where: "
                                "the probe method, or scrape (a gauge read at scrape time).",
@@ -162,16 +162,30 @@ class RankMetrics:
             n.PAUSE_CONSENSUS_LATENCY, "Seconds from this rank's pause request to all-rank "
             "consensus.", base, buckets=CONSENSUS_SECONDS_BUCKETS, registry=registry).labels(
             **labels)
-        # Sum and count only: the mean is the question (dummy steps a pause costs, bounded by
-        # the sync interval); buckets would depend on each deployment's interval.
-        self.consensus_steps = Summary(
-            n.PAUSE_CONSENSUS_STEPS, "Steps (count) this rank took from its pause request to "
-            "all-rank consensus.", base, registry=registry).labels(**labels)
+        # The mean is the question (dummy steps a pause costs, bounded by the sync interval):
+        # this sum over the consensus-latency histogram's _count (observed in the same call;
+        # a summary's own _count would be the same number twice).
+        self.consensus_steps = counter(
+            n.PAUSE_CONSENSUS_STEPS, "Steps (count) this rank took from its pause requests to "
+            "all-rank consensus, summed over pauses (pauses: "
+            "vllm_dp_pause_consensus_latency_seconds_count).").labels(**labels)
         Info(n.INFO, "Static facts about this DP rank's pause protocol and versions.", base,
              registry=registry).labels(**labels).info(dict(info or {}))
         self.hot = HotPathState()
         registry.register(HotPathCollector(self.hot, labels))
         registry.register(WorkerBoardCollector(labels))
+
+    def rejected(self, reason: str, count: int = 1) -> None:
+        """Count requests rejected for ``reason`` (one of ``REJECT_REASONS``)."""
+        if reason not in n.REJECT_REASONS:
+            raise ValueError(f"reject reason {reason!r} is not one of {n.REJECT_REASONS}")
+        self._rejected.labels(**self._labels, reason=reason).inc(count)
+
+    def dropped(self, signal: str, count: int) -> None:
+        """Count telemetry items of ``signal`` (one of ``SIGNALS``) dropped."""
+        if signal not in n.SIGNALS:
+            raise ValueError(f"signal {signal!r} is not one of {n.SIGNALS}")
+        self._dropped.labels(**self._labels, signal=signal).inc(count)
 
     def error(self, where: str) -> None:
         """Count one telemetry error at ``where`` (one of ``TELEMETRY_ERROR_SITES``); its
@@ -259,10 +273,18 @@ class WorkerBoardCollector(Collector):
     """Exposes this rank's workers' positions from the worker board (see
     :mod:`~instrumented_core.telemetry.worker_board`), read at scrape time: the engine core's
     endpoint shows where each worker is even when the worker is stopped or wedged. No worker
-    records (the CPU cluster without workers, a single-process executor): no series."""
+    records (the CPU cluster without workers, a single-process executor): no series.
+
+    Per worker (label ``worker``) only what names the culprit worker: its heartbeat age (the
+    frozen one) and its position (the call and model collective it is in). Everything else is
+    one series per rank, over its workers, exactly as the doctor reads them
+    (``diagnosis.worker_fields``): a rank is inside a model collective when all its workers
+    are (seconds: the latest to enter), its sequence number is its lowest worker's, its
+    collective seconds its most-waiting worker's. So a rank with N workers serves 2 N + 3:
+    5 at TP 1, 19 at TP 8 (not 8 N)."""
 
     def __init__(self, labels: Mapping[str, str], owner_pid: int | None = None) -> None:
-        self.label_names = [*labels, n.LABEL_WORKER]
+        self.label_names = list(labels)
         self.label_values = list(labels.values())
         self.owner_pid = owner_pid
 
@@ -275,40 +297,32 @@ class WorkerBoardCollector(Collector):
             return
         now = time.time()
         names, values = self.label_names, self.label_values
-        call_inside = GaugeMetricFamily(
-            n.WORKER_CALL_INSIDE, "Seconds this worker has been inside the current call from "
-            "its engine core (execute_model, a collective_rpc, ...), 0 when not inside one.",
-            labels=names)
-        coll_inside = GaugeMetricFamily(
-            n.WORKER_MODEL_COLLECTIVE_INSIDE, "Seconds this worker has been inside the current "
-            "DP/EP collective of the forward, 0 when not inside one.", labels=names)
+        per_worker = [*names, n.LABEL_WORKER]
         heartbeat = GaugeMetricFamily(
             n.WORKER_HEARTBEAT_AGE, "Seconds since this worker's heartbeat thread last wrote; "
             "grows only when the whole process is frozen (stopped, or a C call holding the "
-            "GIL), not while it waits in a collective.", labels=names)
-        calls = CounterMetricFamily(n.WORKER_CALLS, "Calls (count) from the engine core "
-                                    "this worker completed.", labels=names)
-        call_seconds = CounterMetricFamily(n.WORKER_CALL_SECONDS, "Seconds this worker spent "
-                                           "inside calls from its engine core.", labels=names)
-        colls = CounterMetricFamily(
-            n.WORKER_MODEL_COLLECTIVES, "DP/EP model collectives (count) this worker entered: "
-            "its collective sequence number.", labels=names)
-        coll_seconds = CounterMetricFamily(
-            n.WORKER_MODEL_COLLECTIVE_SECONDS, "Seconds this worker spent inside DP/EP model "
-            "collectives (a straggler's peers wait longest).", labels=names)
+            "GIL), not while it waits in a collective.", labels=per_worker)
         position = InfoMetricFamily(
             n.WORKER_POSITION, "Where this worker is now: the call from its engine core and "
-            "the model collective it is inside (empty: none).",
-            labels=names)
+            "the model collective it is inside (empty: none).", labels=per_worker)
         for p in positions:
             key = [*values, str(p.worker)]
-            call_inside.add_metric(key, p.call_inside(now))
-            coll_inside.add_metric(key, p.collective_inside(now))
             heartbeat.add_metric(key, p.heartbeat_age(now))
-            calls.add_metric(key, p.calls)
-            call_seconds.add_metric(key, p.call_seconds)
-            colls.add_metric(key, p.collectives)
-            coll_seconds.add_metric(key, p.collective_seconds)
             position.add_metric(key, {n.LABEL_CALL: p.call or "none",
                                       n.LABEL_COLLECTIVE: p.collective or "none"})
-        yield from (call_inside, coll_inside, heartbeat, calls, call_seconds, colls, coll_seconds, position)
+        rank = worker_fields([p.read_at(now) for p in positions])  # the doctor's rule
+        coll_inside = GaugeMetricFamily(
+            n.WORKER_MODEL_COLLECTIVE_INSIDE, "Seconds since all this rank's workers are inside "
+            "a DP/EP collective of the forward (the latest to enter), 0 when any worker is not "
+            "inside one.", labels=names)
+        coll_inside.add_metric(values, rank.get("model_collective_seconds", 0.0))
+        colls = CounterMetricFamily(
+            n.WORKER_MODEL_COLLECTIVES, "DP/EP model collectives (count) entered by this rank's "
+            "lowest worker: its collective sequence number (a rank behind its peers never "
+            "reached the collective they wait in).", labels=names)
+        colls.add_metric(values, rank["model_collective_seq"])
+        coll_seconds = CounterMetricFamily(
+            n.WORKER_MODEL_COLLECTIVE_SECONDS, "Seconds this rank's most-waiting worker spent "
+            "inside DP/EP model collectives (a straggler's workers wait least).", labels=names)
+        coll_seconds.add_metric(values, max(p.collective_seconds for p in positions))
+        yield from (heartbeat, position, coll_inside, colls, coll_seconds)

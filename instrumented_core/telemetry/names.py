@@ -31,7 +31,6 @@ BASE_LABELS = (LABEL_ENGINE, LABEL_MODEL_NAME)
 
 # Gauges
 PHASE = "vllm_dp_pause_phase"
-IGNORE_START_DP_WAVE = "vllm_dp_ignore_start_dp_wave"
 ENGINES_RUNNING = "vllm_dp_engines_running"
 CURRENT_WAVE = "vllm_dp_current_wave"
 STEP_COUNTER = "vllm_dp_wave_step_counter"
@@ -47,17 +46,21 @@ REQUESTS_WAITING = "vllm_dp_requests_waiting"
 # 1 when the plugin observes this rank, 0 when it is off, with the reason (PLUGIN_REASONS);
 # an inactive rank serves only this series on its endpoint.
 PLUGIN_ACTIVE = "vllm_dp_plugin_active"
-# A rank's workers (the processes that run the forward), read from the worker board.
-WORKER_CALL_INSIDE = "vllm_dp_worker_call_inside_seconds"
-WORKER_MODEL_COLLECTIVE_INSIDE = "vllm_dp_worker_model_collective_inside_seconds"
+# A rank's workers (the processes that run the forward), read from the worker board. Per
+# worker (label `worker`) only what names the culprit worker: its heartbeat age and its
+# position; the rest is one series per rank, aggregated over its workers (WORKER_RANK_SERIES).
+# The call a worker is inside lasts as long as its engine sits inside `step` or
+# `collective_rpc` (COLLECTIVE_INSIDE): that gauge is its duration.
 WORKER_HEARTBEAT_AGE = "vllm_dp_worker_heartbeat_age_seconds"  # frozen process: grows
 WORKER_POSITION = "vllm_dp_worker_position"  # exposed as vllm_dp_worker_position_info
+# seconds since ALL the rank's workers are inside a DP/EP model collective (the latest to
+# enter), 0 when any of them is not inside one
+WORKER_MODEL_COLLECTIVE_INSIDE = "vllm_dp_worker_model_collective_inside_seconds"
 # Flight recorder (issue 14): the rank's DP collective sequence number (collectives of
 # DP_SEQUENCED_COLLECTIVES entered so far; skew between ranks = a drifted or hung rank).
 DP_COLLECTIVE_SEQ = "vllm_dp_collective_sequence"
 # Counters (exposed with a `_total` suffix)
 STEPS = "vllm_dp_steps"
-SYNC_ROUNDS_EXTRA = "vllm_dp_sync_rounds_adaptive_extra"  # rounds only the adaptive cadence ran
 PAUSE_REQUESTS = "vllm_dp_pause_requests"
 PAUSE_CONSENSUS = "vllm_dp_pause_consensus"
 RESUMES = "vllm_dp_resumes"
@@ -65,14 +68,18 @@ START_DP_WAVE = "vllm_dp_start_dp_wave"
 REQUESTS_REJECTED = "vllm_dp_requests_rejected"  # by reason (REJECT_REASONS)
 # Not for sync_dp_state: that one is SYNC_WAIT_SUM (COLLECTIVE_WAIT_COLLECTIVES).
 COLLECTIVE_WAIT = "vllm_dp_collective_wait_seconds"
+# Trouble counters: a child appears on its first event (no series while there is none), as
+# REQUESTS_REJECTED's does.
 TELEMETRY_DROPPED = "vllm_dp_telemetry_dropped"
-# Exceptions inside telemetry itself (swallowed, never raised into the engine), by where;
-# a child appears on its first error (no series while telemetry works).
+# Exceptions inside telemetry itself (swallowed, never raised into the engine), by where.
 TELEMETRY_ERRORS = "vllm_dp_telemetry_errors"
-WORKER_CALLS = "vllm_dp_worker_calls"  # engine-to-worker calls completed
-WORKER_CALL_SECONDS = "vllm_dp_worker_call_seconds"  # seconds inside them
-WORKER_MODEL_COLLECTIVES = "vllm_dp_worker_model_collectives"  # entered: the sequence number
+# Per rank, over its workers: the lowest worker's model-collective sequence number
+# (collectives entered), and the most seconds one worker spent inside model collectives.
+WORKER_MODEL_COLLECTIVES = "vllm_dp_worker_model_collectives"
 WORKER_MODEL_COLLECTIVE_SECONDS = "vllm_dp_worker_model_collective_seconds"
+# Steps from request to consensus, summed over pauses: the mean is this over
+# PAUSE_CONSENSUS_LATENCY_COUNT (one observation per pause, taken in the same call).
+PAUSE_CONSENSUS_STEPS = "vllm_dp_pause_consensus_steps"
 FLIGHT_DUMPS = "vllm_dp_flight_dumps"  # hang dumps the rank's watchdog wrote
 # Histograms (the first two carry the pause's trace as an OpenMetrics exemplar)
 SYNC_WAIT = "vllm_dp_sync_wait_seconds"
@@ -81,8 +88,7 @@ PAUSE_CONSENSUS_LATENCY = "vllm_dp_pause_consensus_latency_seconds"
 # no separate rounds counter or sync child of COLLECTIVE_WAIT: these are the same numbers).
 SYNC_WAIT_COUNT = SYNC_WAIT + "_count"
 SYNC_WAIT_SUM = SYNC_WAIT + "_sum"
-# Summary without quantiles: _sum and _count
-PAUSE_CONSENSUS_STEPS = "vllm_dp_pause_consensus_steps"
+PAUSE_CONSENSUS_LATENCY_COUNT = PAUSE_CONSENSUS_LATENCY + "_count"  # pauses that reached it
 # Info
 INFO = "vllm_dp"  # exposed as vllm_dp_info
 
@@ -149,7 +155,6 @@ SUFFIXED_COUNTERS = tuple(
     n + "_total"
     for n in (
         STEPS,
-        SYNC_ROUNDS_EXTRA,
         PAUSE_REQUESTS,
         PAUSE_CONSENSUS,
         RESUMES,
@@ -157,16 +162,14 @@ SUFFIXED_COUNTERS = tuple(
         REQUESTS_REJECTED,
         TELEMETRY_DROPPED,
         TELEMETRY_ERRORS,
-        WORKER_CALLS,
         WORKER_MODEL_COLLECTIVES,
         FLIGHT_DUMPS,
+        PAUSE_CONSENSUS_STEPS,
     )
-) + (COLLECTIVE_WAIT + "_total", WORKER_CALL_SECONDS + "_total",
-     WORKER_MODEL_COLLECTIVE_SECONDS + "_total")
+) + (COLLECTIVE_WAIT + "_total", WORKER_MODEL_COLLECTIVE_SECONDS + "_total")
 # Counters as exposed (with the `_total` suffix prometheus_client adds): what queries and
 # scrapes read.
 STEPS_TOTAL = STEPS + "_total"
-SYNC_ROUNDS_EXTRA_TOTAL = SYNC_ROUNDS_EXTRA + "_total"
 PAUSE_REQUESTS_TOTAL = PAUSE_REQUESTS + "_total"
 PAUSE_CONSENSUS_TOTAL = PAUSE_CONSENSUS + "_total"
 RESUMES_TOTAL = RESUMES + "_total"
@@ -175,19 +178,22 @@ REQUESTS_REJECTED_TOTAL = REQUESTS_REJECTED + "_total"
 TELEMETRY_DROPPED_TOTAL = TELEMETRY_DROPPED + "_total"
 TELEMETRY_ERRORS_TOTAL = TELEMETRY_ERRORS + "_total"
 COLLECTIVE_WAIT_TOTAL = COLLECTIVE_WAIT + "_total"
-WORKER_CALLS_TOTAL = WORKER_CALLS + "_total"
-WORKER_CALL_SECONDS_TOTAL = WORKER_CALL_SECONDS + "_total"
 WORKER_MODEL_COLLECTIVES_TOTAL = WORKER_MODEL_COLLECTIVES + "_total"
 WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL = WORKER_MODEL_COLLECTIVE_SECONDS + "_total"
 FLIGHT_DUMPS_TOTAL = FLIGHT_DUMPS + "_total"
+PAUSE_CONSENSUS_STEPS_TOTAL = PAUSE_CONSENSUS_STEPS + "_total"
 INFO_SERIES = INFO + "_info"
 WORKER_POSITION_INFO = WORKER_POSITION + "_info"
+#: The worker-board series served once per worker (they name the culprit worker) ...
+WORKER_PER_WORKER_SERIES = (WORKER_HEARTBEAT_AGE, WORKER_POSITION_INFO)
+#: ... and once per rank, over all its workers (a rank with N workers: 2 N + 3 series).
+WORKER_RANK_SERIES = (WORKER_MODEL_COLLECTIVE_INSIDE, WORKER_MODEL_COLLECTIVES_TOTAL,
+                      WORKER_MODEL_COLLECTIVE_SECONDS_TOTAL)
 
 HISTOGRAMS = (SYNC_WAIT, PAUSE_CONSENSUS_LATENCY)
-SUMMARIES = (PAUSE_CONSENSUS_STEPS,)
+SUMMARIES: tuple[str, ...] = ()
 GAUGES = (
     PHASE,
-    IGNORE_START_DP_WAVE,
     ENGINES_RUNNING,
     CURRENT_WAVE,
     STEP_COUNTER,
@@ -200,7 +206,6 @@ GAUGES = (
     REQUESTS_RUNNING,
     REQUESTS_WAITING,
     PLUGIN_ACTIVE,
-    WORKER_CALL_INSIDE,
     WORKER_MODEL_COLLECTIVE_INSIDE,
     WORKER_HEARTBEAT_AGE,
     DP_COLLECTIVE_SEQ,

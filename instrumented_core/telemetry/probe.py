@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from instrumented_core.probe import NULL_PROBE, Probe  # noqa: F401 - re-exported
-from instrumented_core.protocol import Phase, SyncResult, is_sync_step, steps_until_sync
+from instrumented_core.protocol import Phase, SyncResult, steps_until_sync
 from instrumented_core.telemetry import flight_recorder as fr
 from instrumented_core.telemetry import names as n
 from instrumented_core.telemetry.metrics import HotPathState, trace_exemplar
@@ -122,7 +122,6 @@ class TelemetryProbe(Probe):
         m.dp_size.set(self.dp_size)
         safe = self._scraped
         m.engines_running.set_function(safe(lambda: bool(state.engines_running)))
-        m.ignore_start_dp_wave.set_function(safe(lambda: bool(state.ignore_start_dp_wave)))
         m.current_wave.set_function(safe(lambda: state.current_wave))
         m.step_counter.set_function(safe(lambda: state.step_counter))
         m.sync_interval.set_function(safe(
@@ -244,7 +243,7 @@ class TelemetryProbe(Probe):
             steps = self.steps_total - self._pause_started_step
             if m is not None:
                 m.consensus_latency.observe(seconds, trace_exemplar(self._pause_span))
-                m.consensus_steps.observe(steps)
+                m.consensus_steps.inc(steps)
             if self._phase_span is not None:
                 self._phase_span.set_attributes({n.ATTR_STEPS_WAITED: steps,
                                                  n.ATTR_SECONDS_WAITED: seconds})
@@ -272,11 +271,6 @@ class TelemetryProbe(Probe):
     def sync_begin(self, local_unfinished: bool, local_pause: bool) -> None:
         self.hot.inside_since[n.COLLECTIVE_SYNC] = time.time()
         self.flight.enter(n.COLLECTIVE_SYNC)
-        if self.metrics is not None:
-            state = self._state
-            if getattr(state, "fast_sync", False) and not is_sync_step(
-                    state.step_counter, state.sync_interval):
-                self.metrics.sync_rounds_extra.inc()
         self._sync_local = (local_unfinished, local_pause)
 
     @_guarded
@@ -375,7 +369,7 @@ class TelemetryProbe(Probe):
     def dropped(self, count: int, signal: str = "spans") -> None:
         try:
             if self.metrics is not None:
-                self.metrics.dropped[signal].inc(count)
+                self.metrics.dropped(signal, count)
         except Exception:  # noqa: BLE001
             pass
 

@@ -42,6 +42,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from instrumented_core.diagnosis import WorkerNow
 from instrumented_core.telemetry import names as n
 
 __all__ = ["BoardWriter", "WorkerPosition", "board_dir", "read_board", "remove_board_files"]
@@ -202,6 +203,14 @@ class WorkerPosition:
 
     def heartbeat_age(self, now: float) -> float:
         return max(0.0, now - self.heartbeat) if self.heartbeat else 0.0
+
+    def read_at(self, now: float) -> WorkerNow:
+        """This record as the diagnosis reads a worker at ``now``
+        (``diagnosis.worker_fields``: the rank's endpoint and the CPU cluster's hang report)."""
+        return WorkerNow(call=self.call, call_seconds=self.call_inside(now),
+                         collective=self.collective,
+                         collective_seconds=self.collective_inside(now),
+                         seq=self.collectives, heartbeat_age=self.heartbeat_age(now))
 
 
 def _name(names: tuple[str, ...], code: int) -> str:

@@ -450,7 +450,7 @@ COUNTERS = {
     "wave_excluded": (n.START_DP_WAVE_TOTAL, {"outcome": "excluded"}),
     "steps_real": (n.STEPS_TOTAL, {"kind": "real"}),
     "steps_dummy": (n.STEPS_TOTAL, {"kind": "dummy"}),
-    "consensus_count": (n.PAUSE_CONSENSUS_STEPS + "_count", {}),
+    "consensus_count": (n.PAUSE_CONSENSUS_LATENCY_COUNT, {}),
     "barrier_seconds": (n.COLLECTIVE_WAIT_TOTAL, {"collective": "barrier"}),
     "rpc_seconds": (n.COLLECTIVE_WAIT_TOTAL, {"collective": "collective_rpc"}),
     "resume_seconds": (n.COLLECTIVE_WAIT_TOTAL, {"collective": "resume"}),

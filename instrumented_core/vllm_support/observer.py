@@ -25,6 +25,7 @@ import threading
 from typing import Any
 
 from instrumented_core.protocol import Phase, PhaseTracker, phase_of
+from instrumented_core.telemetry import names as n
 from instrumented_core.vllm_support import versions
 
 __all__ = ["EngineObserver", "LEGACY_MARK", "log_once", "observer_of", "status_of"]
@@ -138,9 +139,8 @@ class EngineObserver:
     def rejected(self, reason: str) -> None:
         """A request rejected by the engine (0.33: ``engine_paused`` while paused)."""
         metrics = getattr(self.probe, "metrics", None)
-        counters = getattr(metrics, "requests_rejected", None)
-        if counters is not None and reason in counters:
-            counters[reason].inc()
+        if metrics is not None and reason in n.REJECT_REASONS:
+            metrics.rejected(reason)
 
     def utility_call(self, request: Any) -> None:
         """A client utility call (``(client, call_id, method, args)``): its method name only,

@@ -85,7 +85,7 @@
           },
           {
             "record": "job_model_name:vllm_dp_pause_consensus_steps:mean",
-            "expr": ("sum by (job, model_name) (rate(vllm_dp_pause_consensus_steps_sum{%(selector)s}[5m]))\n/\n(sum by (job, model_name) (rate(vllm_dp_pause_consensus_steps_count{%(selector)s}[5m])) > 0)\n" % $._config),
+            "expr": ("sum by (job, model_name) (rate(vllm_dp_pause_consensus_steps_total{%(selector)s}[5m]))\n/\n(sum by (job, model_name) (rate(vllm_dp_pause_consensus_latency_seconds_count{%(selector)s}[5m])) > 0)\n" % $._config),
           },
         ],
       },
@@ -148,7 +148,7 @@
           },
           {
             "alert": "VllmDpStartDpWaveActedWhilePaused",
-            "expr": ("(\n  sum without (outcome) (vllm_dp_start_dp_wave_total{%(selector)s, outcome=\"acted\"})\n  - on (job, model_name, engine) group_left\n  max_over_time(job_model_name_engine:vllm_dp_start_dp_wave_acted:unpaused[1h])\n) > 0\nand on (job, model_name, engine) (vllm_dp_pause_phase{%(selector)s} == 2)\nand on (job, model_name, engine) (vllm_dp_engines_running{%(selector)s} == 1)\nunless on (job, model_name, engine) (vllm_dp_ignore_start_dp_wave{%(selector)s} == 1)\n" % $._config),
+            "expr": ("(\n  sum without (outcome) (vllm_dp_start_dp_wave_total{%(selector)s, outcome=\"acted\"})\n  - on (job, model_name, engine) group_left\n  max_over_time(job_model_name_engine:vllm_dp_start_dp_wave_acted:unpaused[1h])\n) > 0\nand on (job, model_name, engine) (vllm_dp_pause_phase{%(selector)s} == 2)\nand on (job, model_name, engine) (vllm_dp_engines_running{%(selector)s} == 1)\nunless on (job, model_name, engine) vllm_dp_info{%(selector)s, protocol=\"two-phase\"}\n" % $._config),
             "for": ("%(startDpWaveFor)s" % $._config),
             "labels": {
               "severity": "critical",
@@ -174,14 +174,14 @@
           },
           {
             "alert": "VllmDpRankWedged",
-            "expr": ("(\n  max without (worker) (vllm_dp_worker_heartbeat_age_seconds{%(selector)s}) > %(wedgedSeconds)s\n  and on (job, model_name)\n  job_model_name:vllm_dp_ranks_with_work:count\n)\nor\n(\n  max without (collective) (vllm_dp_collective_inside_seconds{%(selector)s, collective=\"step\"}) > %(wedgedSeconds)s\n  and on (job, model_name, engine)\n  (max without (worker) (vllm_dp_worker_model_collective_inside_seconds{%(selector)s}) == 0)\n  and on (job, model_name)\n  (vllm_dp_worker_model_collective_inside_seconds{%(selector)s} > %(wedgedSeconds)s)\n)\nor\n(\n  max without (collective) (vllm_dp_collective_inside_seconds{%(selector)s, collective=\"collective_rpc\"}) > %(rpcWedgedSeconds)s\n  and on (job, model_name)\n  (vllm_dp_collective_inside_seconds{%(selector)s, collective=\"collective_rpc\"} == 0)\n)\n" % $._config),
+            "expr": ("(\n  max without (worker) (vllm_dp_worker_heartbeat_age_seconds{%(selector)s}) > %(wedgedSeconds)s\n  and on (job, model_name)\n  job_model_name:vllm_dp_ranks_with_work:count\n)\nor\n(\n  max without (collective) (vllm_dp_collective_inside_seconds{%(selector)s, collective=\"step\"}) > %(wedgedSeconds)s\n  and on (job, model_name, engine)\n  (vllm_dp_worker_model_collective_inside_seconds{%(selector)s} == 0)\n  and on (job, model_name)\n  (vllm_dp_worker_model_collective_inside_seconds{%(selector)s} > %(wedgedSeconds)s)\n)\nor\n(\n  max without (collective) (vllm_dp_collective_inside_seconds{%(selector)s, collective=\"collective_rpc\"}) > %(rpcWedgedSeconds)s\n  and on (job, model_name)\n  (vllm_dp_collective_inside_seconds{%(selector)s, collective=\"collective_rpc\"} == 0)\n)\n" % $._config),
             "for": ("%(rankWedgedFor)s" % $._config),
             "labels": {
               "severity": "critical",
             },
             "annotations": {
               "summary": "DP rank {{ $labels.engine }} is wedged ({{ $value | humanizeDuration }}) and holds its peers up.",
-              "description": ("Rank {{ $labels.engine }} of {{ $labels.model_name }} (job {{ $labels.job }}) is wedged {{- range query (printf \"max by (collective) (vllm_dp_collective_inside_seconds{collective=~\\\"step|collective_rpc\\\",job=%%q,model_name=%%q,engine=%%q}) > 0\" $labels.job $labels.model_name $labels.engine) }} inside {{ .Labels.collective }} (waiting for its own workers) for {{ .Value | humanizeDuration }} {{- if eq .Labels.collective \"collective_rpc\" }}{{ with query (printf \"vllm_dp_collective_inside_seconds{collective=\\\"collective_rpc\\\",job=%%q,model_name=%%q} == 0\" $labels.job $labels.model_name) | sortByLabel \"engine\" }} while its peers (engines {{ range $i, $s := . }}{{ if $i }}, {{ end }}{{ $s.Labels.engine }}{{ end }}) are not inside theirs{{ end }}{{ end }}{{ end }}. {{- with query (printf \"max by (worker) (vllm_dp_worker_heartbeat_age_seconds{job=%%q,model_name=%%q,engine=%%q}) > %(wedgedSeconds)s\" $labels.job $labels.model_name $labels.engine) | sortByLabel \"worker\" }} Frozen worker(s) (no heartbeat: SIGSTOP, or C code holding the GIL): {{ range $i, $s := . }}{{ if $i }}, {{ end }}worker {{ $s.Labels.worker }} for {{ $s.Value | humanizeDuration }}{{ end }}.{{ end }} {{- with query (printf \"max by (worker, call, collective) (vllm_dp_worker_position_info{job=%%q,model_name=%%q,engine=%%q})\" $labels.job $labels.model_name $labels.engine) | sortByLabel \"worker\" }} Its workers are in: {{ range $i, $s := . }}{{ if $i }}, {{ end }}worker {{ $s.Labels.worker }} call {{ $s.Labels.call }}, model collective {{ $s.Labels.collective }}{{ end }}.{{ end }} {{- with query (printf \"max by (engine, collective) (vllm_dp_worker_model_collective_inside_seconds{job=%%q,model_name=%%q,engine!=%%q} * on (job, instance, model_name, engine, worker) group_left (collective) vllm_dp_worker_position_info) > %(wedgedSeconds)s\" $labels.job $labels.model_name $labels.engine) | sortByLabel \"engine\" }} Peers' workers wait in a model collective: {{ range $i, $s := . }}{{ if $i }}, {{ end }}engine {{ $s.Labels.engine }} in {{ $s.Labels.collective }} for {{ $s.Value | humanizeDuration }}{{ end }}.{{ end }} Rank {{ $labels.engine }} is the culprit; its peers are victims waiting for it." % $._config),
+              "description": ("Rank {{ $labels.engine }} of {{ $labels.model_name }} (job {{ $labels.job }}) is wedged {{- range query (printf \"max by (collective) (vllm_dp_collective_inside_seconds{collective=~\\\"step|collective_rpc\\\",job=%%q,model_name=%%q,engine=%%q}) > 0\" $labels.job $labels.model_name $labels.engine) }} inside {{ .Labels.collective }} (waiting for its own workers) for {{ .Value | humanizeDuration }} {{- if eq .Labels.collective \"collective_rpc\" }}{{ with query (printf \"vllm_dp_collective_inside_seconds{collective=\\\"collective_rpc\\\",job=%%q,model_name=%%q} == 0\" $labels.job $labels.model_name) | sortByLabel \"engine\" }} while its peers (engines {{ range $i, $s := . }}{{ if $i }}, {{ end }}{{ $s.Labels.engine }}{{ end }}) are not inside theirs{{ end }}{{ end }}{{ end }}. {{- with query (printf \"max by (worker) (vllm_dp_worker_heartbeat_age_seconds{job=%%q,model_name=%%q,engine=%%q}) > %(wedgedSeconds)s\" $labels.job $labels.model_name $labels.engine) | sortByLabel \"worker\" }} Frozen worker(s) (no heartbeat: SIGSTOP, or C code holding the GIL): {{ range $i, $s := . }}{{ if $i }}, {{ end }}worker {{ $s.Labels.worker }} for {{ $s.Value | humanizeDuration }}{{ end }}.{{ end }} {{- with query (printf \"max by (worker, call, collective) (vllm_dp_worker_position_info{job=%%q,model_name=%%q,engine=%%q})\" $labels.job $labels.model_name $labels.engine) | sortByLabel \"worker\" }} Its workers are in: {{ range $i, $s := . }}{{ if $i }}, {{ end }}worker {{ $s.Labels.worker }} call {{ $s.Labels.call }}, model collective {{ $s.Labels.collective }}{{ end }}.{{ end }} {{- with query (printf \"max by (engine, collective) (vllm_dp_worker_model_collective_inside_seconds{job=%%q,model_name=%%q,engine!=%%q} * on (job, instance, model_name, engine) group_left (collective) topk by (job, instance, model_name, engine) (1, vllm_dp_worker_position_info{collective!=\\\"none\\\"})) > %(wedgedSeconds)s\" $labels.job $labels.model_name $labels.engine) | sortByLabel \"engine\" }} Peers' workers wait in a model collective: {{ range $i, $s := . }}{{ if $i }}, {{ end }}engine {{ $s.Labels.engine }} in {{ $s.Labels.collective }} for {{ $s.Value | humanizeDuration }}{{ end }}.{{ end }} Rank {{ $labels.engine }} is the culprit; its peers are victims waiting for it." % $._config),
               "runbook_url": ("%(runbookUrlBase)s#vllmdprankwedged" % $._config),
             },
           },
@@ -847,7 +847,7 @@
                 "type": "prometheus",
                 "uid": "${datasource}",
               },
-              "expr": ("sum by (engine) (rate(vllm_dp_pause_consensus_steps_sum{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) / (sum by (engine) (rate(vllm_dp_pause_consensus_steps_count{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) > 0)" % $._config),
+              "expr": ("sum by (engine) (rate(vllm_dp_pause_consensus_steps_total{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) / (sum by (engine) (rate(vllm_dp_pause_consensus_latency_seconds_count{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) > 0)" % $._config),
               "instant": false,
               "legendFormat": "engine {{engine}}",
               "range": true,
@@ -902,7 +902,7 @@
                 "type": "prometheus",
                 "uid": "${datasource}",
               },
-              "expr": ("sum(rate(vllm_dp_pause_consensus_steps_sum{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) / (sum(rate(vllm_dp_pause_consensus_steps_count{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) > 0)" % $._config),
+              "expr": ("sum(rate(vllm_dp_pause_consensus_steps_total{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) / (sum(rate(vllm_dp_pause_consensus_latency_seconds_count{%(selector)s, model_name=\"$model_name\", engine=~\"$engine\"}[$__rate_interval])) > 0)" % $._config),
               "instant": false,
               "legendFormat": "steps per pause",
               "range": true,
@@ -1767,7 +1767,7 @@
             "type": "prometheus",
             "uid": "${datasource}",
           },
-          "description": "How long the rank's workers have been inside the current DP/EP collective of the forward (MoE dispatch / combine, DP batch coordination), the longest of its workers; 0 when none is inside. Peers climbing while one rank stays at 0 inside a step: that rank never reached the collective (the culprit).",
+          "description": "How long all the rank's workers have been inside a DP/EP collective of the forward (MoE dispatch / combine, DP batch coordination), since the latest of them entered; 0 when any of them is not inside one. Peers climbing while one rank stays at 0 inside a step: that rank never reached the collective (the culprit).",
           "fieldConfig": {
             "defaults": {
               "custom": {
@@ -1827,7 +1827,7 @@
               "refId": "A",
             },
           ],
-          "title": "Seconds inside a model collective per rank (longest worker)",
+          "title": "Seconds inside a model collective per rank (all its workers)",
           "transparent": false,
           "type": "timeseries",
         },
