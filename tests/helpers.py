@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,3 +51,13 @@ def new_instrumentor() -> Iterator[Any]:
         if inst.is_instrumented_by_opentelemetry:
             inst.uninstrument()
         VllmDpInstrumentor._instance = saved
+
+
+def wait_until(predicate: Any, timeout: float) -> bool:
+    """Poll ``predicate`` every 0.1 s until it is true (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

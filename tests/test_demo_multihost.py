@@ -22,6 +22,7 @@ import pytest
 
 from instrumented_core.cluster.netns import PREFIX, namespaces_left
 from instrumented_core.stopping import alive, descendants
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -39,15 +40,6 @@ def read_until(proc: subprocess.Popen, words: str, timeout: float) -> list[str]:
             f"{proc.stderr.read() if proc.poll() is not None else ''}")
         lines.append(line)
     return lines
-
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_the_demo_over_two_hosts_names_the_stalled_rank_and_leaves_nothing(tmp_path):

@@ -21,6 +21,7 @@ import time
 import pytest
 
 from instrumented_core.stopping import alive, descendants
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -39,15 +40,6 @@ def port_free(port: int) -> bool:
             s.listen()
         except OSError:
             return False
-    return True
-
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
     return True
 
 
