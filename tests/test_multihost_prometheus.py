@@ -201,6 +201,7 @@ def assert_only_the_unreachable_rank_named(prom: Prometheus, since: float, engin
     if pending:
         print(f"pending only, never firing: {sorted(pending)}")
     fired = alerts_seen(prom, since, "firing")
+    print(f"fired: {sorted(fired)}")
     assert fired <= allowed, (f"alerts other than those naming rank {engine} (or the group) "
                               f"fired: {sorted(fired - allowed)}")
 
