@@ -115,71 +115,22 @@ def sync_wait_mean(prom: Prometheus, engines: str, window: str = "5s") -> float:
     return float(r["value"][1])
 
 
-def test_a_slow_link_slows_the_sync_rounds_and_fires_no_alert(setup):
-    lab, cluster, prom, _ = setup
-    with inside(lab.monitor):
-        handles = [cluster.generate(10**7, rank=r) for r in range(RANKS)]
-        start = time.time()
-        time.sleep(6)  # let the 5 s window fill with fast rounds: a rate needs the time
-        fast = sync_wait_mean(prom, "0|1")
-        lab.slow_link(lab.hosts[1], rate="1mbit")
-        try:
-            time.sleep(6)
-            slow = sync_wait_mean(prom, "0|1")
-            report = run_doctor(prometheus=prom.url)
-        finally:
-            lab.fast_link(lab.hosts[1])
-        print(f"sync wait mean, ranks 0-1: {fast * 1e3:.2f} ms -> {slow * 1e3:.2f} ms")
-        assert slow > 3 * fast, (fast, slow)
-        assert report.verdict.kind in ("healthy", "slow"), report.render()
-        prom.assert_no_alerts(since=start)
-        cluster.pause("abort")
-        assert [h.result(60) for h in handles] == ["aborted"] * RANKS
-        cluster.resume()
-
-
-def test_a_partitioned_host_fires_the_alert_and_the_doctor_names_its_ranks(setup):
-    lab, cluster, prom, webhook = setup
-    with inside(lab.monitor):
-        handles = [cluster.generate(10**7, rank=r) for r in range(RANKS)]
-        prom.wait_for("sync rounds", lambda: prom.query(
-            f'increase({n.SYNC_WAIT_COUNT}{{engine="3"}}[3s]) > 0'), timeout=20)
-        t0 = time.monotonic()
-        lab.partition(lab.hosts[1])
-        try:
-            fired = prom.wait_for_alert(ALERT, timeout=90)
-            seconds = time.monotonic() - t0
-            assert sorted(a["engine"] for a in fired) == ["2", "3"], fired
-            assert {a["instance"].rsplit(":", 1)[0] for a in fired} == {lab.hosts[1].address}
-            report = run_doctor(prometheus=prom.url)
-            text = report.render()
-            assert report.verdict.kind == "stuck", text
-            assert report.verdict.culprits == [2, 3] and report.verdict.victims == [0, 1], text
-            # Prometheus' last error per target is a refused or missing route, or only a
-            # deadline (frozen or partitioned: it cannot tell); the host is named either way
-            assert f"(host {lab.hosts[1].address})" in text, text
-            assert "down (connection refused)" not in text, text
-            # critical: the shipped route pages without a grouping delay, one per rank
-            prom.wait_for("the alert at the webhook", lambda: {
-                a["labels"].get("engine") for a in webhook.alerts()
-                if a["labels"].get("alertname") == ALERT and a["status"] == "firing"}
-                == {"2", "3"}, timeout=30)
-        finally:
-            lab.heal(lab.hosts[1])
-        print(f"partition -> {ALERT} firing: {seconds:.1f} s")
-        # the partition (~40 s) is shorter than the Gloo timeout: the group steps again
-        prom.wait_for("ranks of host 2 scraped again and stepping", lambda: len(prom.query(
-            f'increase({n.SYNC_WAIT_COUNT}{{engine=~"2|3"}}[3s]) > 0')) == 2, timeout=60)
-        cluster.pause("abort")
-        assert [h.result(60) for h in handles] == ["aborted"] * RANKS
-        cluster.resume()
+def rounds(prom: Prometheus) -> dict[str, float]:
+    return {r["metric"]["engine"]: float(r["value"][1])
+            for r in prom.query(f'{n.SYNC_WAIT_COUNT}{{job="vllm-dp"}}')}
 
 
 def busy_and_syncing(cluster: Cluster, prom: Prometheus) -> list:
-    """Every rank generating, and the second host's last rank seen completing sync rounds."""
+    """Every rank generating, each seen completing two sync rounds of the new wave since.
+
+    Counted from before the requests, not as a recent rate: the previous test's abort pause
+    ran rounds a moment ago, and a fault injected in the new wave's first step lands while
+    ``vllm_dp_engines_running`` is still 0 (it is the first round's result)."""
+    before = rounds(prom)
     handles = [cluster.generate(10**7, rank=r) for r in range(RANKS)]
-    prom.wait_for("sync rounds on every rank", lambda: len(prom.query(
-        f"increase({n.SYNC_WAIT_COUNT}[3s]) > 0")) == RANKS, timeout=20)
+    prom.wait_for("two sync rounds of the new wave on every rank", lambda: (
+        (now := rounds(prom)).keys() == before.keys()
+        and all(now[e] >= before[e] + 2 for e in now)), timeout=20)
     return handles
 
 
@@ -220,6 +171,64 @@ def wait_resolved(prom: Prometheus, names: set[str], timeout: float) -> None:
             pytest.fail(f"still pending or firing {timeout} s after the rank came back: "
                         f"{left}\n{prom.tail(10)}")
         time.sleep(0.5)
+
+
+def test_a_slow_link_slows_the_sync_rounds_and_fires_no_alert(setup):
+    lab, cluster, prom, _ = setup
+    with inside(lab.monitor):
+        handles = [cluster.generate(10**7, rank=r) for r in range(RANKS)]
+        start = time.time()
+        time.sleep(6)  # let the 5 s window fill with fast rounds: a rate needs the time
+        fast = sync_wait_mean(prom, "0|1")
+        lab.slow_link(lab.hosts[1], rate="1mbit")
+        try:
+            time.sleep(6)
+            slow = sync_wait_mean(prom, "0|1")
+            report = run_doctor(prometheus=prom.url)
+        finally:
+            lab.fast_link(lab.hosts[1])
+        print(f"sync wait mean, ranks 0-1: {fast * 1e3:.2f} ms -> {slow * 1e3:.2f} ms")
+        assert slow > 3 * fast, (fast, slow)
+        assert report.verdict.kind in ("healthy", "slow"), report.render()
+        prom.assert_no_alerts(since=start)
+        cluster.pause("abort")
+        assert [h.result(60) for h in handles] == ["aborted"] * RANKS
+        cluster.resume()
+
+
+def test_a_partitioned_host_fires_the_alert_and_the_doctor_names_its_ranks(setup):
+    lab, cluster, prom, webhook = setup
+    with inside(lab.monitor):
+        handles = busy_and_syncing(cluster, prom)
+        t0 = time.monotonic()
+        lab.partition(lab.hosts[1])
+        try:
+            fired = prom.wait_for_alert(ALERT, timeout=90)
+            seconds = time.monotonic() - t0
+            assert sorted(a["engine"] for a in fired) == ["2", "3"], fired
+            assert {a["instance"].rsplit(":", 1)[0] for a in fired} == {lab.hosts[1].address}
+            report = run_doctor(prometheus=prom.url)
+            text = report.render()
+            assert report.verdict.kind == "stuck", text
+            assert report.verdict.culprits == [2, 3] and report.verdict.victims == [0, 1], text
+            # Prometheus' last error per target is a refused or missing route, or only a
+            # deadline (frozen or partitioned: it cannot tell); the host is named either way
+            assert f"(host {lab.hosts[1].address})" in text, text
+            assert "down (connection refused)" not in text, text
+            # critical: the shipped route pages without a grouping delay, one per rank
+            prom.wait_for("the alert at the webhook", lambda: {
+                a["labels"].get("engine") for a in webhook.alerts()
+                if a["labels"].get("alertname") == ALERT and a["status"] == "firing"}
+                == {"2", "3"}, timeout=30)
+        finally:
+            lab.heal(lab.hosts[1])
+        print(f"partition -> {ALERT} firing: {seconds:.1f} s")
+        # the partition (~40 s) is shorter than the Gloo timeout: the group steps again
+        prom.wait_for("ranks of host 2 scraped again and stepping", lambda: len(prom.query(
+            f'increase({n.SYNC_WAIT_COUNT}{{engine=~"2|3"}}[3s]) > 0')) == 2, timeout=60)
+        cluster.pause("abort")
+        assert [h.result(60) for h in handles] == ["aborted"] * RANKS
+        cluster.resume()
 
 
 def test_a_frozen_rank_fires_the_reachability_alerts_naming_it_alone_and_sigcont_resolves_them(
