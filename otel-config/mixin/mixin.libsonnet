@@ -205,7 +205,7 @@
           },
           {
             "alert": "VllmDpPeersStalledOnUnreachableRank",
-            "expr": ("(\n  (up{%(selector)s} == 0)\n  * on (job, instance) group_left (model_name, engine)\n  (0 * max by (job, instance, model_name, engine) (last_over_time(vllm_dp_size{%(selector)s}[15m])))\n)\n+ on (job, model_name) group_left\ncount by (job, model_name) (\n  (timestamp(vllm_dp_last_progress_timestamp_seconds{%(selector)s}) - vllm_dp_last_progress_timestamp_seconds{%(selector)s} > %(peersStalledSeconds)s)\n  and on (job, model_name, engine)\n  (\n    (vllm_dp_engines_running{%(selector)s} == 1)\n    or on (job, model_name, engine)\n    (max by (job, model_name, engine) (vllm_dp_collective_inside_seconds{%(selector)s}) > 0)\n  )\n)\n" % $._config),
+            "expr": ("(\n  (up{%(selector)s} == 0)\n  * on (job, instance) group_left (model_name, engine)\n  (0 * max by (job, instance, model_name, engine) (last_over_time(vllm_dp_size{%(selector)s}[15m])))\n)\n+ on (job, model_name) group_left\ncount by (job, model_name) (\n  (timestamp(vllm_dp_last_progress_timestamp_seconds{%(selector)s}) - vllm_dp_last_progress_timestamp_seconds{%(selector)s} > %(peersStalledSeconds)s)\n  and on (job, model_name, engine)\n  (\n    (vllm_dp_engines_running{%(selector)s} == 1)\n    or on (job, model_name, engine)\n    (max by (job, model_name, engine) (vllm_dp_collective_inside_seconds{%(selector)s, collective=~\"step|sync_dp_state|resume|barrier\"}) > 0)\n    or on (job, model_name, engine)\n    (max by (job, model_name, engine) (vllm_dp_worker_model_collective_inside_seconds{%(selector)s}) > 0)\n  )\n)\n" % $._config),
             "for": ("%(peersStalledFor)s" % $._config),
             "labels": {
               "severity": "critical",
