@@ -188,7 +188,9 @@ def test_a_slow_link_slows_the_sync_rounds_and_fires_no_alert(setup):
         finally:
             lab.fast_link(lab.hosts[1])
         print(f"sync wait mean, ranks 0-1: {fast * 1e3:.2f} ms -> {slow * 1e3:.2f} ms")
-        assert slow > 3 * fast, (fast, slow)
+        # the link adds about 6-10 ms per round; CPU load raises the unfaulted mean (1.4-3.1
+        # ms seen while other suites ran), so 3x failed once in 9 runs (3.08 -> 8.98 ms)
+        assert slow > 2 * fast, (fast, slow)
         assert report.verdict.kind in ("healthy", "slow"), report.render()
         prom.assert_no_alerts(since=start)
         cluster.pause("abort")
