@@ -115,13 +115,17 @@ def base(title: str, uid: str, description: str) -> db.Dashboard:
 
 # --- the culprit query, shared by the stuck-rank panels ----------------------------------------
 
-# Seconds since the rank last progressed, for a rank that has not progressed for 10 s and is
-# not inside the sync all-reduce while at least one peer has been inside it for 10 s: the
+# Seconds since the rank last progressed, for a rank that has not progressed for 10 s, is
+# not inside the sync all-reduce and has no worker waiting in a model collective (a peer that
+# left the round first waits there: a victim) while at least one peer has been inside the
+# round for 10 s: the
 # VllmDpSyncAllReduceStuck signature, restricted to the selected model.
 CULPRIT = (
     f"(timestamp({n.LAST_PROGRESS}{{{GROUP}}}) - {n.LAST_PROGRESS}{{{GROUP}}} > {STUCK_SECONDS})"
     f" unless on (job, {n.LABEL_MODEL_NAME}, {n.LABEL_ENGINE})"
     f" ({n.COLLECTIVE_INSIDE}{{{GROUP}, {SYNC}}} > 0)"
+    f" unless on (job, {n.LABEL_MODEL_NAME}, {n.LABEL_ENGINE})"
+    f" (max without ({n.LABEL_WORKER}) ({n.WORKER_MODEL_COLLECTIVE_INSIDE}{{{GROUP}}}) > 0)"
     f" and on (job, {n.LABEL_MODEL_NAME})"
     f" (count by (job, {n.LABEL_MODEL_NAME}) ({n.COLLECTIVE_INSIDE}{{{GROUP}, {SYNC}}} > {STUCK_SECONDS}))"
 )

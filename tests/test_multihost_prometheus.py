@@ -6,12 +6,19 @@
   thresholds;
 - a partition of the second host fires ``VllmDpPeersStalledOnUnreachableRank`` for its ranks,
   the Alertmanager on the monitor host delivers it (shipped route) and ``doctor --prometheus``
-  names them; after the partition heals the group steps again.
+  names them; after the partition heals the group steps again;
+- a frozen rank (SIGSTOP) on the second host fires the two reachability alerts naming it and
+  nothing that names a waiting peer; SIGCONT resolves them;
+- a killed rank (SIGKILL, last: the group does not recover) fires them too, its failed
+  scrapes refused at once instead of timing out.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
 import time
 
 import pytest
@@ -31,6 +38,10 @@ pytestmark = [pytest.mark.cluster, pytest.mark.prometheus]
 
 RANKS = 4
 ALERT = "VllmDpPeersStalledOnUnreachableRank"
+UNREACHABLE = "VllmDpRankUnreachable"
+#: The group-level symptom while a rank is unreachable: it names no rank, and Alertmanager
+#: inhibits it under ALERT. Any other alert while a rank is unreachable names a victim.
+GROUP_WEDGED = "VllmDpGroupWedged"
 
 
 def multihost_config(tmp, alertmanager: str, interval: str = "1s") -> dict:
@@ -104,6 +115,64 @@ def sync_wait_mean(prom: Prometheus, engines: str, window: str = "5s") -> float:
     return float(r["value"][1])
 
 
+def rounds(prom: Prometheus) -> dict[str, float]:
+    return {r["metric"]["engine"]: float(r["value"][1])
+            for r in prom.query(f'{n.SYNC_WAIT_COUNT}{{job="vllm-dp"}}')}
+
+
+def busy_and_syncing(cluster: Cluster, prom: Prometheus) -> list:
+    """Every rank generating, each seen completing two sync rounds of the new wave since.
+
+    Counted from before the requests, not as a recent rate: the previous test's abort pause
+    ran rounds a moment ago, and a fault injected in the new wave's first step lands while
+    ``vllm_dp_engines_running`` is still 0 (it is the first round's result)."""
+    before = rounds(prom)
+    handles = [cluster.generate(10**7, rank=r) for r in range(RANKS)]
+    prom.wait_for("two sync rounds of the new wave on every rank", lambda: (
+        (now := rounds(prom)).keys() == before.keys()
+        and all(now[e] >= before[e] + 2 for e in now)), timeout=20)
+    return handles
+
+
+def alerts_seen(prom: Prometheus, since: float, state: str) -> set[tuple[str, str]]:
+    """(alertname, engine) of every alert in ``state`` (pending, firing) at any evaluation
+    since ``since`` (Prometheus' ``ALERTS`` series)."""
+    window = max(1, math.ceil(time.time() - since) + 1)
+    return {(r["metric"]["alertname"], r["metric"].get("engine", "")) for r in prom.query(
+        f'count_over_time(ALERTS{{alertstate="{state}"}}[{window}s])')}
+
+
+def assert_only_the_unreachable_rank_named(prom: Prometheus, since: float, engine: str) -> None:
+    """Nothing fired since ``since`` but the alerts naming the unreachable rank ``engine`` and
+    the group-level wedge. Pending ones are only printed: at 1 s scrape timeouts on a loaded
+    machine a live rank's scrape can miss its timeout once (its flight recorder writing a hang
+    dump, for one), which makes the reachability alerts pending for it, never firing."""
+    allowed = {(ALERT, engine), (UNREACHABLE, engine), (GROUP_WEDGED, "")}
+    pending = alerts_seen(prom, since, "pending") - allowed
+    if pending:
+        print(f"pending only, never firing: {sorted(pending)}")
+    fired = alerts_seen(prom, since, "firing")
+    print(f"fired: {sorted(fired)}")
+    assert fired <= allowed, (f"alerts other than those naming rank {engine} (or the group) "
+                              f"fired: {sorted(fired - allowed)}")
+
+
+def wait_resolved(prom: Prometheus, names: set[str], timeout: float) -> None:
+    left: list = []
+
+    def resolved() -> bool:
+        left[:] = [(a["labels"]["alertname"], a["labels"].get("engine"), a["state"])
+                   for a in prom.alerts() if a["labels"]["alertname"] in names]
+        return not left
+
+    deadline = time.monotonic() + timeout
+    while not resolved():
+        if time.monotonic() > deadline:
+            pytest.fail(f"still pending or firing {timeout} s after the rank came back: "
+                        f"{left}\n{prom.tail(10)}")
+        time.sleep(0.5)
+
+
 def test_a_slow_link_slows_the_sync_rounds_and_fires_no_alert(setup):
     lab, cluster, prom, _ = setup
     with inside(lab.monitor):
@@ -119,7 +188,9 @@ def test_a_slow_link_slows_the_sync_rounds_and_fires_no_alert(setup):
         finally:
             lab.fast_link(lab.hosts[1])
         print(f"sync wait mean, ranks 0-1: {fast * 1e3:.2f} ms -> {slow * 1e3:.2f} ms")
-        assert slow > 3 * fast, (fast, slow)
+        # the link adds about 6-10 ms per round; CPU load raises the unfaulted mean (1.4-3.1
+        # ms seen while other suites ran), so 3x failed once in 9 runs (3.08 -> 8.98 ms)
+        assert slow > 2 * fast, (fast, slow)
         assert report.verdict.kind in ("healthy", "slow"), report.render()
         prom.assert_no_alerts(since=start)
         cluster.pause("abort")
@@ -130,9 +201,7 @@ def test_a_slow_link_slows_the_sync_rounds_and_fires_no_alert(setup):
 def test_a_partitioned_host_fires_the_alert_and_the_doctor_names_its_ranks(setup):
     lab, cluster, prom, webhook = setup
     with inside(lab.monitor):
-        handles = [cluster.generate(10**7, rank=r) for r in range(RANKS)]
-        prom.wait_for("sync rounds", lambda: prom.query(
-            f'increase({n.SYNC_WAIT_COUNT}{{engine="3"}}[3s]) > 0'), timeout=20)
+        handles = busy_and_syncing(cluster, prom)
         t0 = time.monotonic()
         lab.partition(lab.hosts[1])
         try:
@@ -162,6 +231,61 @@ def test_a_partitioned_host_fires_the_alert_and_the_doctor_names_its_ranks(setup
         cluster.pause("abort")
         assert [h.result(60) for h in handles] == ["aborted"] * RANKS
         cluster.resume()
+
+
+def test_a_frozen_rank_fires_the_reachability_alerts_naming_it_alone_and_sigcont_resolves_them(
+        setup):
+    lab, cluster, prom, _ = setup
+    with inside(lab.monitor):
+        handles = busy_and_syncing(cluster, prom)
+        start, t0 = time.time(), time.monotonic()
+        pid = cluster.pids[3]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # its three peers wait for it (in sync_dp_state, or in the next step's model
+            # collective when the round had already ended for them)
+            fired = prom.wait_for_alert(ALERT, timeout=90)
+            seconds = time.monotonic() - t0
+            assert [(a["engine"], a["instance"]) for a in fired] == [
+                ("3", f"{lab.hosts[1].address}:8103")], fired
+            # VllmDpRankUnreachable is pending for it by now (it fires at 30 s, see the
+            # kill below): a frozen process accepts the connection and never answers, so its
+            # scrapes end at the timeout (1 s here), unlike a refused one
+            down = [a for a in prom.alerts(UNREACHABLE) if a["labels"].get("engine") == "3"]
+            assert len(down) == 1 and float(down[0]["value"]) >= 0.9, down
+            assert_only_the_unreachable_rank_named(prom, start, "3")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            t1 = time.monotonic()
+        wait_resolved(prom, {ALERT, UNREACHABLE, GROUP_WEDGED}, timeout=30)
+        print(f"SIGSTOP -> {ALERT} firing: {seconds:.1f} s; "
+              f"SIGCONT -> resolved: {time.monotonic() - t1:.1f} s")
+        assert_only_the_unreachable_rank_named(prom, start, "3")
+        cluster.pause("abort")
+        assert [h.result(60) for h in handles] == ["aborted"] * RANKS
+        cluster.resume()
+
+
+def test_a_killed_rank_on_the_second_host_fires_the_reachability_alerts_naming_it(setup):
+    """Last of the module: the group does not recover from it (the killed rank's peers fail
+    their all-reduce); the module's clean-up stops what is left."""
+    lab, cluster, prom, _ = setup
+    with inside(lab.monitor):
+        busy_and_syncing(cluster, prom)
+        start, t0 = time.time(), time.monotonic()
+        os.kill(cluster.pids[3], signal.SIGKILL)
+        fired = prom.wait_for_alert(ALERT, timeout=90)
+        seconds = time.monotonic() - t0
+        assert [(a["engine"], a["instance"]) for a in fired] == [
+            ("3", f"{lab.hosts[1].address}:8103")], fired
+        fired = prom.wait_for_alert(UNREACHABLE, timeout=60)
+        print(f"SIGKILL -> {ALERT} firing: {seconds:.1f} s, "
+              f"{UNREACHABLE}: {time.monotonic() - t0:.1f} s")
+        assert [a["engine"] for a in fired] == ["3"], fired
+        # refused at once: the process is gone (a frozen one times out, see above)
+        down = [a for a in prom.alerts(UNREACHABLE) if a["labels"].get("engine") == "3"]
+        assert len(down) == 1 and float(down[0]["value"]) < 0.5, down
+        assert_only_the_unreachable_rank_named(prom, start, "3")
 
 
 def test_the_multihost_config_and_reachability_rules_pass_promtool():

@@ -96,7 +96,7 @@
         "rules": [
           {
             "alert": "VllmDpSyncAllReduceStuck",
-            "expr": ("(\n  (timestamp(vllm_dp_last_progress_timestamp_seconds{%(selector)s}) - vllm_dp_last_progress_timestamp_seconds{%(selector)s} > %(syncStuckSeconds)s)\n  unless on (job, model_name, engine)\n  (vllm_dp_collective_inside_seconds{%(selector)s, collective=\"sync_dp_state\"} > 0)\n) * 0\n+ on (job, model_name) group_left\njob_model_name:vllm_dp_ranks_waiting_in_sync:count\n" % $._config),
+            "expr": ("(\n  (timestamp(vllm_dp_last_progress_timestamp_seconds{%(selector)s}) - vllm_dp_last_progress_timestamp_seconds{%(selector)s} > %(syncStuckSeconds)s)\n  unless on (job, model_name, engine)\n  (vllm_dp_collective_inside_seconds{%(selector)s, collective=\"sync_dp_state\"} > 0)\n  unless on (job, model_name, engine)\n  (max without (worker) (vllm_dp_worker_model_collective_inside_seconds{%(selector)s}) > 0)\n) * 0\n+ on (job, model_name) group_left\njob_model_name:vllm_dp_ranks_waiting_in_sync:count\n" % $._config),
             "for": ("%(syncStuckFor)s" % $._config),
             "labels": {
               "severity": "critical",
@@ -205,7 +205,7 @@
           },
           {
             "alert": "VllmDpPeersStalledOnUnreachableRank",
-            "expr": ("(\n  (up{%(selector)s} == 0)\n  * on (job, instance) group_left (model_name, engine)\n  (0 * max by (job, instance, model_name, engine) (last_over_time(vllm_dp_size{%(selector)s}[15m])))\n)\n+ on (job, model_name) group_left\ncount by (job, model_name) (\n  (timestamp(vllm_dp_last_progress_timestamp_seconds{%(selector)s}) - vllm_dp_last_progress_timestamp_seconds{%(selector)s} > %(peersStalledSeconds)s)\n  and on (job, model_name, engine) (vllm_dp_engines_running{%(selector)s} == 1)\n)\n" % $._config),
+            "expr": ("(\n  (up{%(selector)s} == 0)\n  * on (job, instance) group_left (model_name, engine)\n  (0 * max by (job, instance, model_name, engine) (last_over_time(vllm_dp_size{%(selector)s}[15m])))\n)\n+ on (job, model_name) group_left\ncount by (job, model_name) (\n  (timestamp(vllm_dp_last_progress_timestamp_seconds{%(selector)s}) - vllm_dp_last_progress_timestamp_seconds{%(selector)s} > %(peersStalledSeconds)s)\n  and on (job, model_name, engine)\n  (\n    (vllm_dp_engines_running{%(selector)s} == 1)\n    or on (job, model_name, engine)\n    (max by (job, model_name, engine) (vllm_dp_collective_inside_seconds{%(selector)s, collective=~\"step|sync_dp_state|resume|barrier\"}) > 0)\n    or on (job, model_name, engine)\n    (max by (job, model_name, engine) (vllm_dp_worker_model_collective_inside_seconds{%(selector)s}) > 0)\n  )\n)\n" % $._config),
             "for": ("%(peersStalledFor)s" % $._config),
             "labels": {
               "severity": "critical",
@@ -1241,7 +1241,7 @@
                 "type": "prometheus",
                 "uid": "${datasource}",
               },
-              "expr": ("(timestamp(vllm_dp_last_progress_timestamp_seconds{%(selector)s, model_name=\"$model_name\"}) - vllm_dp_last_progress_timestamp_seconds{%(selector)s, model_name=\"$model_name\"} > %(syncStuckSeconds)s) unless on (job, model_name, engine) (vllm_dp_collective_inside_seconds{%(selector)s, model_name=\"$model_name\", collective=\"sync_dp_state\"} > 0) and on (job, model_name) (count by (job, model_name) (vllm_dp_collective_inside_seconds{%(selector)s, model_name=\"$model_name\", collective=\"sync_dp_state\"} > %(syncStuckSeconds)s))" % $._config),
+              "expr": ("(timestamp(vllm_dp_last_progress_timestamp_seconds{%(selector)s, model_name=\"$model_name\"}) - vllm_dp_last_progress_timestamp_seconds{%(selector)s, model_name=\"$model_name\"} > %(syncStuckSeconds)s) unless on (job, model_name, engine) (vllm_dp_collective_inside_seconds{%(selector)s, model_name=\"$model_name\", collective=\"sync_dp_state\"} > 0) unless on (job, model_name, engine) (max without (worker) (vllm_dp_worker_model_collective_inside_seconds{%(selector)s, model_name=\"$model_name\"}) > 0) and on (job, model_name) (count by (job, model_name) (vllm_dp_collective_inside_seconds{%(selector)s, model_name=\"$model_name\", collective=\"sync_dp_state\"} > %(syncStuckSeconds)s))" % $._config),
               "instant": true,
               "legendFormat": "engine {{engine}}",
               "range": false,
@@ -1327,7 +1327,7 @@
                 "type": "prometheus",
                 "uid": "${datasource}",
               },
-              "expr": ("max by (engine) (vllm_dp_pause_phase{%(selector)s, model_name=\"$model_name\"} and on (job, model_name, engine) ((timestamp(vllm_dp_last_progress_timestamp_seconds{%(selector)s, model_name=\"$model_name\"}) - vllm_dp_last_progress_timestamp_seconds{%(selector)s, model_name=\"$model_name\"} > %(syncStuckSeconds)s) unless on (job, model_name, engine) (vllm_dp_collective_inside_seconds{%(selector)s, model_name=\"$model_name\", collective=\"sync_dp_state\"} > 0) and on (job, model_name) (count by (job, model_name) (vllm_dp_collective_inside_seconds{%(selector)s, model_name=\"$model_name\", collective=\"sync_dp_state\"} > %(syncStuckSeconds)s))))" % $._config),
+              "expr": ("max by (engine) (vllm_dp_pause_phase{%(selector)s, model_name=\"$model_name\"} and on (job, model_name, engine) ((timestamp(vllm_dp_last_progress_timestamp_seconds{%(selector)s, model_name=\"$model_name\"}) - vllm_dp_last_progress_timestamp_seconds{%(selector)s, model_name=\"$model_name\"} > %(syncStuckSeconds)s) unless on (job, model_name, engine) (vllm_dp_collective_inside_seconds{%(selector)s, model_name=\"$model_name\", collective=\"sync_dp_state\"} > 0) unless on (job, model_name, engine) (max without (worker) (vllm_dp_worker_model_collective_inside_seconds{%(selector)s, model_name=\"$model_name\"}) > 0) and on (job, model_name) (count by (job, model_name) (vllm_dp_collective_inside_seconds{%(selector)s, model_name=\"$model_name\", collective=\"sync_dp_state\"} > %(syncStuckSeconds)s))))" % $._config),
               "instant": true,
               "legendFormat": "engine {{engine}}",
               "range": false,
