@@ -78,7 +78,7 @@ REAL_CHECKS: dict[str, str] = {
                     "otlp_receiver",
     "tokens = without plugin": "test_vllm.py::test_generated_tokens_identical_with_and_"
                                "without_the_instrumentor",
-    "stalled rank named by doctor": "test_vllm_faults.py::test_stall_in_one_ranks_sync_round_is_"
+    "stalled rank named by doctor": "test_vllm.py::test_stall_in_one_ranks_sync_round_is_"
                                     "seen_by_its_peer_and_named_by_doctor",
     "legacy hang named by doctor": "test_vllm_faults.py::test_legacy_one_phase_pause_hangs_and_"
                                    "doctor_names_the_ranks",
