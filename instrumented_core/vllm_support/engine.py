@@ -28,6 +28,7 @@ from typing import Any
 
 from instrumented_core.scenarios import ScenarioHang, bounded
 from instrumented_core.scrape import RankSample, scrape
+from instrumented_core.stopping import shared_memory_held
 from instrumented_core.telemetry import names as n
 from instrumented_core.vllm_support.tiny_model import (
     async_engine_args,
@@ -59,8 +60,6 @@ PROMPTS = [[1, 17, 33, 49, 65], [1, 100, 200, 300], [1, 5, 9], [1, 250, 251, 252
 START_TIMEOUT = 150.0
 #: seconds vLLM's shutdown gives its engine-core processes before it kills them
 SHUTDOWN_GRACE = 1.0
-#: where vLLM's shared-memory message queues live (``multiprocessing.shared_memory`` names)
-SHM_PREFIX = "/dev/shm/psm_"
 #: tokens per request in a pause-mode round: still running when the pause arrives (abort,
 #: keep), drained before it returns (wait)
 MODE_TOKENS = {"abort": 400, "wait": 24, "keep": 48}
@@ -145,19 +144,16 @@ class TreeMonitor:
             procs = [*self.me.children(recursive=True), *self.seen.values()]
         except psutil.Error:
             procs = list(self.seen.values())
-        for pid in {p.pid for p in procs}:
-            fd_dir = f"/proc/{pid}/fd"
+        # is_running() compares the start time too: a pid reused by another process since
+        # (pids wrap quickly on a busy machine) is not ours
+        live = set()
+        for p in procs:
             try:
-                fds = os.listdir(fd_dir)
-            except OSError:
-                continue
-            for fd in fds:
-                try:
-                    target = os.readlink(f"{fd_dir}/{fd}")
-                except OSError:
-                    continue
-                if target.startswith(SHM_PREFIX) and not target.endswith(" (deleted)"):
-                    self.shm.add(target)
+                if p.is_running():
+                    live.add(p.pid)
+            except psutil.Error:
+                pass
+        self.shm |= shared_memory_held(live)
         return set(self.shm)
 
     def unlink_shm(self) -> list[str]:
