@@ -32,7 +32,8 @@ if [ "$want" = "test" ]; then
   # test-only vLLM plugins (fault injection, legacy pause, CPU DP MoE): never in the wheel
   "${PIP[@]}" -e ./testing
   "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-  "$PY" -m instrumented_core.vllm_support.matrix setup 0.27.0  # its own venv (CI runs it)
+  # the older vLLMs CI runs for real (matrix.CI_VERSIONS), each in its own venv
+  "$PY" -m instrumented_core.vllm_support.matrix setup 0.27.0 0.30.0
 else
   "${PIP[@]}" -e .
 fi

@@ -10,7 +10,8 @@
 - Processes we do not spawn ourselves (vLLM's coordinator, engine cores and workers) cannot be
   asked that, so the demo also starts a :class:`TreeWatchdog`: a small process in its own
   session that notes the demo's descendants every half second and kills them once the demo is
-  gone.
+  gone, then removes the POSIX shared memory they held (vLLM's message queues between an
+  engine core and its workers, ``/dev/shm/psm_*``: a killed engine core never unlinks them).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-__all__ = ["STOP_SIGNALS", "Stopped", "TreeWatchdog", "alive", "descendants", "die_with_parent",
-           "spawn_target", "stop_signals"]
+__all__ = ["SHM_PREFIX", "STOP_SIGNALS", "Stopped", "TreeWatchdog", "alive", "descendants",
+           "die_with_parent", "shared_memory_held", "spawn_target", "stop_signals"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
@@ -135,15 +136,41 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+#: POSIX shared memory made by ``multiprocessing.shared_memory`` (vLLM's message queues)
+SHM_PREFIX = "/dev/shm/psm_"
+
+
+def shared_memory_held(pids: Iterable[int]) -> set[str]:
+    """The ``/dev/shm/psm_*`` segments the processes ``pids`` hold open now (from their file
+    descriptors; a segment already unlinked is not listed)."""
+    held = set()
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target.startswith(SHM_PREFIX) and not target.endswith(" (deleted)"):
+                held.add(target)
+    return held
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie does not)."""
     return _start_time(pid) is not None
 
 
 def _watch(parent: int, started: str, interval: float) -> None:
-    """The watchdog's loop: note ``parent``'s descendants until it is gone, then kill them."""
+    """The watchdog's loop: note ``parent``'s descendants (and the shared memory they hold)
+    until it is gone, then kill them and remove that shared memory."""
     me = os.getpid()
     seen: dict[int, str] = {}
+    shm: set[str] = set()
     ready = False
     while _start_time(parent) == started:
         for pid in descendants(parent):
@@ -151,6 +178,8 @@ def _watch(parent: int, started: str, interval: float) -> None:
                 stamp = _start_time(pid)
                 if stamp is not None:
                     seen[pid] = stamp
+        shm |= shared_memory_held(pid for pid, stamp in seen.items()
+                                  if _start_time(pid) == stamp)
         if not ready:  # the tree as it was at the start is noted
             sys.stdout.write("ready\n")
             sys.stdout.close()
@@ -162,6 +191,11 @@ def _watch(parent: int, started: str, interval: float) -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+    for path in shm:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 class TreeWatchdog:

@@ -20,15 +20,26 @@ from instrumented_core.stopping import alive
 PARENT = """
 import signal, subprocess, sys, time
 from instrumented_core.stopping import TreeWatchdog
-child = subprocess.Popen([sys.executable, "-c",
-    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+child = subprocess.Popen([sys.executable, "-c", GRANDCHILD], stdout=subprocess.PIPE, text=True)
+shm = child.stdout.readline().strip()  # it holds a segment now
 dog = TreeWatchdog(interval=0.1)  # returns once the grandchild is noted
-print(dog.proc.pid, child.pid, flush=True)
+print(dog.proc.pid, child.pid, shm, flush=True)
 if sys.argv[1] == "clean":
     child.kill(); child.wait(); dog.stop()
     print("done", flush=True)
 time.sleep(60)
 """
+# ignores SIGTERM; holds a shared-memory segment nobody else would remove (as vLLM's queues)
+GRANDCHILD = """
+import signal, time
+from multiprocessing import resource_tracker, shared_memory
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+shm = shared_memory.SharedMemory(create=True, size=4096)
+resource_tracker.unregister(shm._name, "shared_memory")
+print("/dev/shm/" + shm.name.lstrip("/"), flush=True)
+time.sleep(60)
+"""
+PARENT = PARENT.replace("GRANDCHILD", repr(GRANDCHILD))
 
 
 def _wait_gone(pids: list[int], timeout: float) -> list[int]:
@@ -38,30 +49,39 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-def _parent(mode: str) -> tuple[subprocess.Popen, int, int]:
+def _parent(mode: str) -> tuple[subprocess.Popen, int, int, str]:
     proc = subprocess.Popen([sys.executable, "-c", PARENT, mode], stdout=subprocess.PIPE,
                             text=True, start_new_session=True)
-    dog, child = map(int, proc.stdout.readline().split())
-    return proc, dog, child
+    dog, child, shm = proc.stdout.readline().split()
+    return proc, int(dog), int(child), shm
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.unlink(path)
 
 
 def test_a_parent_killed_without_a_word_takes_its_descendants_with_it():
-    proc, dog, child = _parent("kill")
+    proc, dog, child, shm = _parent("kill")
     try:
+        assert os.path.exists(shm)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         assert _wait_gone([child, dog], 5) == [], "the grandchild or the watchdog survived"
+        assert not os.path.exists(shm)  # and the shared memory it held went with it
     finally:
         for pid in (child, dog):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        _remove(shm)
 
 
 def test_a_parent_that_cleaned_up_stops_its_watchdog():
-    proc, dog, child = _parent("clean")
+    proc, dog, child, shm = _parent("clean")
     try:
         assert proc.stdout.readline().strip() == "done"
         assert _wait_gone([child, dog], 5) == []
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        _remove(shm)  # a clean-up that kills its child owns its shared memory

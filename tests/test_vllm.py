@@ -3,27 +3,33 @@
 One instrumented engine serves the whole module (started once; ~35 s, ~5.6 GiB). Before it,
 the same prompts run on an engine with the instrumentation off, for the token-identity test
 (never two engines at once). Everything is read the way an operator would: ``/metrics`` of
-each engine core over HTTP, spans from a real OTLP/gRPC receiver
-(the protocol vLLM itself exports with by default).
+each engine core over HTTP, spans from a real OTLP/gRPC receiver (the protocol vLLM itself
+exports with by default). The last test stalls one rank's sync round
+(the test-only stall, armed by a file at run time) and checks the engine recovers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import urllib.request
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
+from instrumented_core.doctor import run_doctor
 from instrumented_core.scenarios import pause_mode_round, staggered_barrier
 from instrumented_core.telemetry import names as n
+from instrumented_core_testing.faults import ENV_STALL_FILE, arm_sync_stall
 from instrumented_core_testing.otlp_sink import OtlpGrpcSink
 from tests.vllm_helpers import (
     MODE_TOKENS,
+    PROMPTS,
     VllmClient,
     VllmEngine,
     counters,
     delta,
+    generate,
     token_runs,
     tokens_in_subprocess,
     wait_for,
@@ -38,13 +44,6 @@ OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
 @pytest.fixture(scope="module")
-def baseline_tokens():
-    """Tokens from an engine with the instrumentation OFF, in a child process that ends
-    before our engine starts (never two engines at once)."""
-    return tokens_in_subprocess({"INSTRUMENTED_CORE_TELEMETRY": "0"})
-
-
-@pytest.fixture(scope="module")
 def sink():
     s = OtlpGrpcSink()
     try:
@@ -54,7 +53,22 @@ def sink():
 
 
 @pytest.fixture(scope="module")
-def engine(baseline_tokens, sink):
+def stall_file(tmp_path_factory):
+    """Written, it arms the test-only sync stall in the engine cores (absent: inert)."""
+    return tmp_path_factory.mktemp("stall") / "arm"
+
+
+@pytest.fixture(scope="module")
+def baseline_tokens(stall_file):
+    """Tokens from an engine with the instrumentation OFF (same prompts, same engine config,
+    the same test-only plugins, inert), in a child process that ends before our engine starts
+    (never two engines at once)."""
+    return tokens_in_subprocess({"INSTRUMENTED_CORE_TELEMETRY": "0",
+                                 ENV_STALL_FILE: str(stall_file)})
+
+
+@pytest.fixture(scope="module")
+def engine(baseline_tokens, sink, stall_file):
     env = {
         "INSTRUMENTED_CORE_TELEMETRY": "1",
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -63,6 +77,7 @@ def engine(baseline_tokens, sink):
         # says otherwise: our spans must reach the same gRPC collector, with nothing else set
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink.endpoint,
         "OTEL_SERVICE_NAME": "vllm-dp-test",
+        ENV_STALL_FILE: str(stall_file),  # the stall test arms it
     }
     eng = VllmEngine(env, cpu_timeout=30)
     try:
@@ -209,6 +224,41 @@ def test_generated_tokens_identical_with_and_without_the_instrumentor(engine, ba
     instrumented = engine.run(token_runs(engine.llm), STEP, "instrumented generation")
     assert instrumented == baseline_tokens
     assert all(len(t) == 12 for t in instrumented["greedy"] + instrumented["seeded"])
+
+
+# ----------------------------------------------------------------------------------------------
+# a stalled rank (last: it changes the engine's timing history, and it must recover)
+# ----------------------------------------------------------------------------------------------
+
+
+def _inside(sample, collective: str) -> float:
+    return sample.get(n.COLLECTIVE_INSIDE, 0.0, collective=collective) or 0.0
+
+
+def test_stall_in_one_ranks_sync_round_is_seen_by_its_peer_and_named_by_doctor(engine,
+                                                                                 stall_file):
+    arm_sync_stall(stall_file, rank=1, seconds=12)  # rank 1's next pending sync round sleeps
+    pause = asyncio.ensure_future(engine.llm.pause_generation(mode="keep"), loop=engine.loop)
+
+    def rank0_waits_inside_sync():
+        engine.loop.run_until_complete(asyncio.sleep(0.1))  # let the pause go out
+        s = engine.scrape_all()
+        return s if _inside(s[0], n.COLLECTIVE_SYNC) >= 3.0 else None
+
+    samples = wait_for(rank0_waits_inside_sync, 20, "rank 0 waiting inside sync_dp_state")
+    assert not stall_file.exists()  # rank 1 took the stall
+    assert _inside(samples[1], n.COLLECTIVE_SYNC) == 0.0  # the stalled rank never entered
+    assert int(samples[0].get(n.PHASE)) == n.PHASE_PENDING_PAUSE
+    report = run_doctor(targets=engine.targets, threshold=2.0)
+    assert report.verdict.kind == "stuck", report.render()
+    assert report.verdict.culprits == [1], report.render()
+    assert report.verdict.victims == [0], report.render()
+    # the stall ends, the pause completes, the engine recovers
+    engine.run(pause, 30, "pause after the stall")
+    engine.run(engine.llm.resume_generation(), STEP, "resume")
+    out = engine.run(generate(engine.llm, PROMPTS[1], max_tokens=4, dp_rank=1), STEP, "gen")
+    assert out["finish_reason"] == "length"
+    assert _phases(engine) == [0, 0]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,10 +1,10 @@
 """The vLLM version matrix (``python -m instrumented_core.vllm_support.matrix``).
 
 Real layer (``vllm`` + ``network``): the real DP=2 engine checks (``tests/test_vllm.py`` and
-``tests/test_vllm_faults.py``, unchanged) on the oldest installable vLLM (0.27.0; the
-others run through the matrix command, see ``matrix.CI_VERSIONS``), in its own virtual
-environment built by the
-matrix's ``setup`` (the installed 0.32.0 runs those files directly). The wheel is downloaded
+``tests/test_vllm_faults.py``, unchanged) on the older vLLMs CI runs (``matrix.CI_VERSIONS``:
+0.27.0, the oldest installable, and 0.30.0, the first with ``dp_sync_interval``; the others
+run through the matrix command), each in its own virtual environment built by the matrix's
+``setup`` (the installed 0.32.0 runs those files directly). The wheel is downloaded
 once into ``~/.cache/instrumented_core/wheels``; the environment is kept in
 ``~/.cache/instrumented_core/venvs``.
 

@@ -38,7 +38,8 @@ from instrumented_core.vllm_support.engine import (  # noqa: F401 - re-exported 
 # ----------------------------------------------------------------------------------------------
 # A second AsyncLLM in the same front-end process does not serve requests after the first one
 # was shut down (vLLM 0.32 front-end state), so engines other than the module's shared one run
-# in a child Python process.
+# in a child Python process. (Starting it while the module's engine starts saves nothing here:
+# the two starts share the two cores and took longer together than one after the other.)
 
 
 async def token_runs(llm: Any) -> dict[str, list[list[int]]]:

@@ -5,8 +5,9 @@
 (:mod:`.tiny_model`) in this process (the vLLM front end) on a private event loop; its DP
 coordinator, two engine cores and two workers are spawned children. The environment it needs
 (``VLLM_CPU_KVCACHE_SPACE``, the CPU DP plugin switch, the metrics port base, test-only fault
-switches) is applied before the start and restored by ``close()``, which shuts the engine down
-and then kills every descendant it ever saw, so a broken engine (a hang) never outlives it.
+switches) is applied before the start and restored by ``close()``, which shuts the engine down,
+kills every descendant it ever saw, so a broken engine (a hang) never outlives it, and removes
+the shared-memory segments (``/dev/shm/psm_*``) those processes held.
 Every call goes through :func:`bounded` (``VllmEngine.run``). Needs vLLM (the ``vllm-cpu``
 extra) and psutil (one of vLLM's dependencies); nothing imports vLLM before ``start()``.
 """
@@ -27,6 +28,7 @@ from typing import Any
 
 from instrumented_core.scenarios import ScenarioHang, bounded
 from instrumented_core.scrape import RankSample, scrape
+from instrumented_core.stopping import shared_memory_held
 from instrumented_core.telemetry import names as n
 from instrumented_core.vllm_support.tiny_model import (
     async_engine_args,
@@ -56,6 +58,8 @@ __all__ = [
 
 PROMPTS = [[1, 17, 33, 49, 65], [1, 100, 200, 300], [1, 5, 9], [1, 250, 251, 252, 253, 254]]
 START_TIMEOUT = 150.0
+#: seconds vLLM's shutdown gives its engine-core processes before it kills them
+SHUTDOWN_GRACE = 1.0
 #: tokens per request in a pause-mode round: still running when the pause arrives (abort,
 #: keep), drained before it returns (wait)
 MODE_TOKENS = {"abort": 400, "wait": 24, "keep": 48}
@@ -79,6 +83,7 @@ class TreeMonitor:
         self.peak_total = 0
         self.peak_by_pid: dict[int, tuple[str, int]] = {}
         self.seen: dict[int, Any] = {}
+        self.shm: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-monitor", daemon=True)
 
@@ -116,10 +121,60 @@ class TreeMonitor:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def kill_children(self, grace: float = 5.0) -> list[int]:
-        """Terminate, then kill, every live descendant (current and previously seen).
+    def survivors(self) -> list[int]:
+        """Pids of descendants ever seen that still run (the resource tracker aside)."""
+        psutil = self._psutil
+        alive = []
+        for p in self.seen.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE \
+                        and p.pid != _resource_tracker_pid():
+                    alive.append(p.pid)
+            except psutil.Error:
+                pass
+        return alive
 
-        Returns the pids that were still alive (e.g. multiprocessing's resource tracker).
+    def note_shm(self) -> set[str]:
+        """Record the POSIX shared-memory segments (``/dev/shm/psm_*``: vLLM's message queues
+        between an engine core and its workers) that this tree's processes hold open now;
+        returns all recorded so far. Only segments our own processes hold are ever recorded,
+        so :meth:`unlink_shm` never touches another engine's."""
+        psutil = self._psutil
+        try:
+            procs = [*self.me.children(recursive=True), *self.seen.values()]
+        except psutil.Error:
+            procs = list(self.seen.values())
+        # is_running() compares the start time too: a pid reused by another process since
+        # (pids wrap quickly on a busy machine) is not ours
+        live = set()
+        for p in procs:
+            try:
+                if p.is_running():
+                    live.add(p.pid)
+            except psutil.Error:
+                pass
+        self.shm |= shared_memory_held(live)
+        return set(self.shm)
+
+    def unlink_shm(self) -> list[str]:
+        """Remove the recorded segments still present (call after the processes are gone:
+        a killed engine core never unlinks its queues). Returns what was removed."""
+        removed = []
+        for path in sorted(self.shm):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def kill_children(self, grace: float = 5.0) -> list[int]:
+        """Terminate, then kill, every live descendant (current and previously seen), except
+        this process's multiprocessing resource tracker: it is this process's, not the
+        engine's (the next engine reuses it), it ignores SIGTERM (so terminating it cost the
+        whole grace), and it exits with this process after unlinking what it tracks.
+
+        Returns the pids that were still alive.
         """
         psutil = self._psutil
         procs: dict[int, Any] = dict(self.seen)
@@ -128,6 +183,7 @@ class TreeMonitor:
                 procs[p.pid] = p
         except psutil.Error:
             pass
+        procs.pop(_resource_tracker_pid(), None)
         alive = []
         for p in procs.values():
             try:
@@ -144,6 +200,12 @@ class TreeMonitor:
                 pass
         psutil.wait_procs(still, timeout=grace)
         return [p.pid for p in alive]
+
+
+def _resource_tracker_pid() -> int | None:
+    from multiprocessing import resource_tracker
+
+    return getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +348,7 @@ class VllmEngine:
         self.start_seconds = time.monotonic() - t0
 
         self.rss_after_start_mib = round(self.monitor.sample() / 2**20)
+        self.monitor.note_shm()
         return self
 
     def start_served(self, timeout: float = 60.0) -> VllmEngine:
@@ -305,11 +368,25 @@ class VllmEngine:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    @property
+    def shm_segments(self) -> set[str]:
+        """The shared-memory segments this engine's processes held (removed by ``close``)."""
+        return set(self.monitor.shm) if self.monitor is not None else set()
+
+    def survivors(self) -> list[int]:
+        """This engine's processes still running (after ``close``: none)."""
+        return self.monitor.survivors() if self.monitor is not None else []
+
     def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.note_shm()  # queues made after start (a restarted worker), if any
         try:
             if self.llm is not None:
                 try:
-                    self.llm.shutdown()
+                    # vLLM waits ``timeout`` for its engine cores before killing them (default
+                    # 5 s; they wait for workers that do not exit on CPU): everything is
+                    # killed below anyway
+                    self.llm.shutdown(timeout=SHUTDOWN_GRACE)
                 finally:
                     self.llm.shutdown = lambda *a, **k: None
                     self.llm = None
@@ -328,6 +405,9 @@ class VllmEngine:
             if self.monitor is not None:
                 self.monitor.kill_children(grace=5.0)
                 self.monitor.stop()
+                # vLLM's engine cores create these and unlink them only on a clean exit;
+                # killed (or shut down while a worker hangs), they stay in /dev/shm (RAM)
+                self.monitor.unlink_shm()
             try:
                 asyncio.set_event_loop(None)
                 self.loop.close()

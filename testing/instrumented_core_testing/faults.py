@@ -1,6 +1,10 @@
 """TEST-ONLY fault injection into vLLM's DP engine.
 
 - ``IC_TEST_STALL_SYNC_RANK``: one rank stalls before its sync all-reduce (below).
+- ``IC_TEST_STALL_SYNC_FILE=<path>``: the same stall, armed at run time: when the file exists
+  and holds ``"<rank> <seconds>"``, that rank's next sync round of a pending pause removes the
+  file and stalls ``<seconds>`` (one stall per write of the file). Inert while it is absent,
+  so an engine started with it serves normally until a test arms it.
 - ``IC_TEST_WEDGE_FILE=<path>``: while that file exists, every worker's next
   ``coordinate_batch_across_dp`` all-reduce blocks *inside* the collective (after the worker
   board recorded its entry) until the file is removed: every rank's workers wedged in the same
@@ -26,21 +30,48 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["ENV_STALL_RANK", "ENV_STALL_SECONDS", "ENV_WEDGE_FILE", "install_model_wedge",
-           "install_sync_stall", "register"]
+__all__ = ["ENV_STALL_FILE", "ENV_STALL_RANK", "ENV_STALL_SECONDS", "ENV_WEDGE_FILE",
+           "arm_sync_stall", "install_model_wedge", "install_sync_stall", "register"]
 
 log = logging.getLogger(__name__)
 
 ENV_WEDGE_FILE = "IC_TEST_WEDGE_FILE"
 ENV_STALL_RANK = "IC_TEST_STALL_SYNC_RANK"
 ENV_STALL_SECONDS = "IC_TEST_STALL_SYNC_SECONDS"
+ENV_STALL_FILE = "IC_TEST_STALL_SYNC_FILE"
 #: pauses (consensus reached on this rank) to let through before the stall arms (default 0)
 ENV_STALL_SKIP_PAUSES = "IC_TEST_STALL_SYNC_SKIP_PAUSES"
 _MARK = "_instrumented_core_stall"
 
 
-def install_sync_stall(rank: int, seconds: float, skip_pauses: int = 0) -> bool:
-    """Wrap ``ParallelConfig.sync_dp_state`` (0.32 static or 0.33 method). False if present."""
+def arm_sync_stall(path: str | os.PathLike[str], rank: int, seconds: float) -> None:
+    """Arm the file-armed stall (``IC_TEST_STALL_SYNC_FILE``): written whole, then renamed, so
+    a rank never reads half of it."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{rank} {seconds}\n")
+    os.replace(tmp, path)
+
+
+def _take_armed(path: str, rank: int) -> float | None:
+    """The seconds to stall if ``path`` arms ``rank`` (the file is removed: one stall)."""
+    try:
+        with open(path) as f:
+            armed_rank, seconds = f.read().split()[:2]
+        if int(armed_rank) != rank:
+            return None
+        os.unlink(path)
+        return float(seconds)
+    except (OSError, ValueError):
+        return None
+
+
+def install_sync_stall(rank: int | None, seconds: float = 0.0, skip_pauses: int = 0,
+                       arm_file: str | None = None) -> bool:
+    """Wrap ``ParallelConfig.sync_dp_state`` (0.32 static or 0.33 method). False if present.
+
+    ``rank``: the rank that stalls once, ``seconds``, after ``skip_pauses`` pauses; and/or
+    ``arm_file``: a stall whenever that file arms this rank (:func:`arm_sync_stall`)."""
     import inspect
 
     from vllm.config import ParallelConfig
@@ -59,11 +90,16 @@ def install_sync_stall(rank: int, seconds: float, skip_pauses: int = 0) -> bool:
         pending = pos[2] if len(pos) > 2 else kwargs.get("pending_pause", False)
         group = pos[0] if pos else kwargs.get("dp_group")
         mine = pending and group is not None and group.rank() == rank
+        stall = None
         if mine and not fired.is_set() and pauses_done[0] >= skip_pauses:
             fired.set()
-            log.warning("TEST-ONLY: DP rank %d stalls %.1f s before sync_dp_state", rank,
-                        seconds)
-            time.sleep(seconds)
+            stall = seconds
+        elif pending and group is not None and arm_file:
+            stall = _take_armed(arm_file, group.rank())
+        if stall is not None:
+            log.warning("TEST-ONLY: DP rank %d stalls %.1f s before sync_dp_state",
+                        group.rank(), stall)
+            time.sleep(stall)
         result = orig(*args, **kwargs)
         if mine:
             try:
@@ -117,14 +153,15 @@ def register() -> None:
         except Exception:
             log.exception("fault injection plugin failed; vLLM left unchanged")
     raw = os.environ.get(ENV_STALL_RANK, "").strip()
-    if not raw:
+    arm_file = os.environ.get(ENV_STALL_FILE, "").strip() or None
+    if not raw and not arm_file:
         return
     try:
-        rank = int(raw)
+        rank = int(raw) if raw else None
         seconds = float(os.environ.get(ENV_STALL_SECONDS, "20"))
         skip = int(os.environ.get(ENV_STALL_SKIP_PAUSES, "0") or 0)
-        if install_sync_stall(rank, seconds, skip):
-            log.warning("TEST-ONLY sync stall installed in pid %d (rank %d, %.1f s)",
-                        os.getpid(), rank, seconds)
+        if install_sync_stall(rank, seconds, skip, arm_file):
+            log.warning("TEST-ONLY sync stall installed in pid %d (rank %s, %.1f s; armed by "
+                        "%s)", os.getpid(), rank, seconds, arm_file)
     except Exception:
         log.exception("fault injection plugin failed; vLLM left unchanged")
