@@ -1,9 +1,18 @@
 """A real Prometheus on the monitor host scraping DP 4 over two hosts across the bridge, with
-``otel-config/prometheus-multihost.yml`` (one file_sd file per host) and the shipped rules:
+``prometheus-multihost.yml`` (one file_sd file per host) and rules exported the way a user
+changes a threshold: ``instrumented-core ops export --set peersStalledSeconds=3 --set
+peersStalledFor=3s --set unreachableFor=5s --set scrapeInterval=1s`` (run in-process through the
+CLI's ``main``). Only the reachability group's windows change: the exported recording and
+``alerts.yml`` rules are the shipped ones (asserted), and the shipped reachability values are
+proven on both sides of each boundary by ``reachability_test.yml`` (promtool, below) and live
+on one host by ``tests/test_ops_live.py``. The short windows make each fault take seconds
+instead of the shipped ~26-31 s, and keep a partition short enough that TCP's retransmit
+back-off does not delay the group's recovery. They stay sound at 1 s scrapes with a 1 s
+timeout: one missed scrape of a live rank makes an alert pending, firing needs 4 (peers
+stalled) or 6 (unreachable) failed scrapes in a row.
 
 - a slow link to the second host (a token-bucket rate limit: this kernel has no netem) makes
-  the sync rounds slower, the sync-wait histogram shows it, and no alert fires below the
-  thresholds;
+  the sync rounds slower, the sync-wait histogram shows it, and no alert is pending or fires;
 - a partition of the second host fires ``VllmDpPeersStalledOnUnreachableRank`` for its ranks,
   the Alertmanager on the monitor host delivers it (shipped route) and ``doctor --prometheus``
   names them; after the partition heals the group steps again;
@@ -24,6 +33,7 @@ import time
 import pytest
 import yaml
 
+from instrumented_core.cli import main as cli_main
 from instrumented_core.cluster import Cluster, ClusterConfig
 from instrumented_core.cluster.client import free_port
 from instrumented_core.doctor import run_doctor
@@ -42,15 +52,36 @@ UNREACHABLE = "VllmDpRankUnreachable"
 #: The group-level symptom while a rank is unreachable: it names no rank, and Alertmanager
 #: inhibits it under ALERT. Any other alert while a rank is unreachable names a victim.
 GROUP_WEDGED = "VllmDpGroupWedged"
+INTERVAL = "1s"
+#: ``--set`` options of the export: the reachability group's windows, shortened (shipped:
+#: peersStalledSeconds 10, peersStalledFor 15s, unreachableFor 30s), and 1 s scrapes.
+EXPORT = {"peersStalledSeconds": "3", "peersStalledFor": "3s", "unreachableFor": "5s",
+          "scrapeInterval": INTERVAL}
 
 
-def multihost_config(tmp, alertmanager: str, interval: str = "1s") -> dict:
-    """The shipped multi-host config with the test's intervals, absolute rule paths, its
-    file_sd directory and the monitor host's Alertmanager (``host:port``)."""
-    config = yaml.safe_load((OTEL / "prometheus-multihost.yml").read_text())
-    config["global"].update(scrape_interval=interval, scrape_timeout=interval,
-                            evaluation_interval=interval)
-    config["rule_files"] = [str((OTEL / f).resolve()) for f in config["rule_files"]]
+def export_bundle(out) -> None:
+    """``instrumented-core ops export --out OUT --set ...`` with :data:`EXPORT`; only the
+    reachability rules differ from the shipped ones."""
+    argv = ["ops", "export", "--out", str(out)]
+    for key, value in EXPORT.items():
+        argv += ["--set", f"{key}={value}"]
+    assert cli_main(argv) == 0
+    for name in ("recording.yml", "alerts.yml"):
+        assert (out / "rules" / name).read_text() == (OTEL / "rules" / name).read_text(), name
+    rules = {r["alert"]: r for r in yaml.safe_load(
+        (out / "rules" / "reachability.yml").read_text())["groups"][0]["rules"]}
+    assert rules[UNREACHABLE]["for"] == EXPORT["unreachableFor"]
+    assert rules[ALERT]["for"] == EXPORT["peersStalledFor"]
+    assert f"> {EXPORT['peersStalledSeconds']})" in rules[ALERT]["expr"], rules[ALERT]["expr"]
+
+
+def multihost_config(bundle, tmp, alertmanager: str) -> dict:
+    """The exported multi-host config with the scrape timeout at the interval, absolute rule
+    paths, the test's file_sd directory and the monitor host's Alertmanager (``host:port``)."""
+    config = yaml.safe_load((bundle / "prometheus-multihost.yml").read_text())
+    assert config["global"] == {"scrape_interval": INTERVAL, "evaluation_interval": INTERVAL}
+    config["global"]["scrape_timeout"] = INTERVAL
+    config["rule_files"] = [str((bundle / f).resolve()) for f in config["rule_files"]]
     config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
     [job] = config["scrape_configs"]
     [sd] = job["file_sd_configs"]
@@ -63,6 +94,7 @@ def multihost_config(tmp, alertmanager: str, interval: str = "1s") -> dict:
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost-prom")
     binary = require_tool("prometheus")
+    export_bundle(tmp / "ops")
     with module_lab(2) as lab:
         prom = alertmanager = webhook = None
         try:
@@ -90,7 +122,7 @@ def setup(tmp_path_factory):
                 ], f"http://127.0.0.1:{am_port}", tmp / "alertmanager.log")
                 alertmanager.wait_ready("/-/ready")
                 (tmp / "prometheus.yml").write_text(yaml.safe_dump(
-                    multihost_config(tmp, f"127.0.0.1:{am_port}")))
+                    multihost_config(tmp / "ops", tmp, f"127.0.0.1:{am_port}")))
                 port = free_port()
                 prom = Prometheus("prometheus", [
                     binary, f"--config.file={tmp / 'prometheus.yml'}",
@@ -205,7 +237,7 @@ def test_a_partitioned_host_fires_the_alert_and_the_doctor_names_its_ranks(setup
         t0 = time.monotonic()
         lab.partition(lab.hosts[1])
         try:
-            fired = prom.wait_for_alert(ALERT, timeout=90)
+            fired = prom.wait_for_alert(ALERT, timeout=40)
             seconds = time.monotonic() - t0
             assert sorted(a["engine"] for a in fired) == ["2", "3"], fired
             assert {a["instance"].rsplit(":", 1)[0] for a in fired} == {lab.hosts[1].address}
@@ -224,10 +256,14 @@ def test_a_partitioned_host_fires_the_alert_and_the_doctor_names_its_ranks(setup
                 == {"2", "3"}, timeout=30)
         finally:
             lab.heal(lab.hosts[1])
-        print(f"partition -> {ALERT} firing: {seconds:.1f} s")
-        # the partition (~40 s) is shorter than the Gloo timeout: the group steps again
+            t1 = time.monotonic()
+        # the partition (~10 s) is far shorter than the Gloo timeout: the group steps again
+        # at TCP's next retransmit, whose back-off grows with the partition (after ~40 s
+        # partitions, at the shipped windows, the wait once doubled the test's time)
         prom.wait_for("ranks of host 2 scraped again and stepping", lambda: len(prom.query(
             f'increase({n.SYNC_WAIT_COUNT}{{engine=~"2|3"}}[3s]) > 0')) == 2, timeout=60)
+        print(f"partition -> {ALERT} firing: {seconds:.1f} s; partitioned {t1 - t0:.1f} s; "
+              f"heal -> stepping: {time.monotonic() - t1:.1f} s")
         cluster.pause("abort")
         assert [h.result(60) for h in handles] == ["aborted"] * RANKS
         cluster.resume()
@@ -244,13 +280,16 @@ def test_a_frozen_rank_fires_the_reachability_alerts_naming_it_alone_and_sigcont
         try:
             # its three peers wait for it (in sync_dp_state, or in the next step's model
             # collective when the round had already ended for them)
-            fired = prom.wait_for_alert(ALERT, timeout=90)
+            fired = prom.wait_for_alert(ALERT, timeout=40)
             seconds = time.monotonic() - t0
             assert [(a["engine"], a["instance"]) for a in fired] == [
                 ("3", f"{lab.hosts[1].address}:8103")], fired
-            # VllmDpRankUnreachable is pending for it by now (it fires at 30 s, see the
-            # kill below): a frozen process accepts the connection and never answers, so its
-            # scrapes end at the timeout (1 s here), unlike a refused one
+            fired = prom.wait_for_alert(UNREACHABLE, timeout=30)
+            unreachable_s = time.monotonic() - t0
+            assert [(a["engine"], a["instance"]) for a in fired] == [
+                ("3", f"{lab.hosts[1].address}:8103")], fired
+            # a frozen process accepts the connection and never answers, so its scrapes end
+            # at the timeout (1 s here), unlike a refused one (see the kill below)
             down = [a for a in prom.alerts(UNREACHABLE) if a["labels"].get("engine") == "3"]
             assert len(down) == 1 and float(down[0]["value"]) >= 0.9, down
             assert_only_the_unreachable_rank_named(prom, start, "3")
@@ -258,8 +297,8 @@ def test_a_frozen_rank_fires_the_reachability_alerts_naming_it_alone_and_sigcont
             os.kill(pid, signal.SIGCONT)
             t1 = time.monotonic()
         wait_resolved(prom, {ALERT, UNREACHABLE, GROUP_WEDGED}, timeout=30)
-        print(f"SIGSTOP -> {ALERT} firing: {seconds:.1f} s; "
-              f"SIGCONT -> resolved: {time.monotonic() - t1:.1f} s")
+        print(f"SIGSTOP -> {ALERT} firing: {seconds:.1f} s, {UNREACHABLE}: "
+              f"{unreachable_s:.1f} s; SIGCONT -> resolved: {time.monotonic() - t1:.1f} s")
         assert_only_the_unreachable_rank_named(prom, start, "3")
         cluster.pause("abort")
         assert [h.result(60) for h in handles] == ["aborted"] * RANKS
@@ -274,11 +313,11 @@ def test_a_killed_rank_on_the_second_host_fires_the_reachability_alerts_naming_i
         busy_and_syncing(cluster, prom)
         start, t0 = time.time(), time.monotonic()
         os.kill(cluster.pids[3], signal.SIGKILL)
-        fired = prom.wait_for_alert(ALERT, timeout=90)
+        fired = prom.wait_for_alert(ALERT, timeout=40)
         seconds = time.monotonic() - t0
         assert [(a["engine"], a["instance"]) for a in fired] == [
             ("3", f"{lab.hosts[1].address}:8103")], fired
-        fired = prom.wait_for_alert(UNREACHABLE, timeout=60)
+        fired = prom.wait_for_alert(UNREACHABLE, timeout=30)
         print(f"SIGKILL -> {ALERT} firing: {seconds:.1f} s, "
               f"{UNREACHABLE}: {time.monotonic() - t0:.1f} s")
         assert [a["engine"] for a in fired] == ["3"], fired
