@@ -160,3 +160,27 @@ def test_metrics_port_in_use_is_a_clear_error_before_start():
                            r"\(rank 1\) is already in use") as info:
             Cluster(ClusterConfig(ranks=2, telemetry=tel))
     assert "\n" not in str(info.value)
+
+
+def test_a_rendezvous_port_taken_before_rank_0_binds_it_is_retried_on_a_new_one(monkeypatch,
+                                                                                 caplog):
+    """Another process may take the free port chosen for Gloo's rendezvous before rank 0
+    binds it (seen with vLLM engines starting beside a cluster): the start retries on a new
+    port instead of failing the run."""
+    import instrumented_core.cluster.client as client
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = [taken.getsockname()[1]]  # the first choice is already someone else's
+        real = client.free_port
+        monkeypatch.setattr(client, "free_port",
+                            lambda *a: ports.pop() if ports else real(*a))
+        with Cluster(config(2, hang_timeout=15)) as cluster:
+            assert all(cluster.alive())
+            # the group works: a pause reaches consensus over the new port, a request completes
+            cluster.pause("abort")
+            cluster.resume()
+            assert cluster.generate(3, rank=1).result(10) == "completed"
+    assert not ports  # the taken port was tried first
+    assert "retrying on a new port (attempt 2 of 3)" in caplog.text

@@ -10,6 +10,7 @@ verdict naming which rank sits in which collective, instead of waiting for Gloo'
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -29,6 +30,8 @@ from instrumented_core.protocol import check_pause_mode
 from instrumented_core.stopping import spawn_target
 from instrumented_core.telemetry.worker_board import read_board, remove_board_files
 
+log = logging.getLogger(__name__)
+
 
 class ClusterError(RuntimeError):
     """The cluster could not start or a call failed; the message says which rank and why."""
@@ -42,6 +45,14 @@ class CollectiveHang(ClusterError):
         super().__init__(f"{what} did not finish: {verdict.kind}: {verdict.summary}"
                          + (f" [{detail}]" if detail else ""))
         self.verdict = verdict
+
+
+#: start-up attempts when the rendezvous port was taken between choosing and binding it
+START_ATTEMPTS = 3
+
+
+def _address_in_use(error: str) -> bool:
+    return "EADDRINUSE" in error or "address already in use" in error.lower()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -96,7 +107,28 @@ class Cluster:
         self.stop()
 
     def start(self) -> Cluster:
+        """Start the coordinator and the ranks; return once every rank is ready.
+
+        The Gloo rendezvous port is chosen free just before rank 0 binds it, so another
+        process may take it in between (EADDRINUSE): then the start is retried on a new port,
+        up to ``START_ATTEMPTS`` times."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return self._start_once()
+            except ClusterError as e:
+                if attempt == START_ATTEMPTS or not _address_in_use(str(e)):
+                    raise
+                log.warning("rendezvous port taken by another process during start-up; "
+                            "retrying on a new port (attempt %d of %d)", attempt + 1,
+                            START_ATTEMPTS)
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> Cluster:
         cfg = self.config
+        self.pids = [0] * cfg.ranks
+        self.rank_errors = []
+        self._stop_reader = threading.Event()
+        self._provider = self._tracer = None
         ctx = mp.get_context("spawn")
         self._board_array = ctx.Array("d", cfg.ranks * FIELDS, lock=False)
         self.board = StatusBoard(self._board_array, cfg.ranks)
